@@ -1,0 +1,1 @@
+"""The OpenCodeInterpreter loop: reply, run the last python block, feed the result back."""

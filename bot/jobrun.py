@@ -1,0 +1,141 @@
+"""Running one job: input checks, uploads, the agent turn, events, state — and every way it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from bot import metrics
+from bot.agent.loop import Turn
+from bot.agent.prompts import SYSTEM_PROMPT, files_note
+from bot.errors import CodeloopError, InputRejected, JobCancelled
+from bot.jobs import Event, Job
+from bot.llm.base import GenerationParams, ModelClient
+from bot.queue import Delivery, JobQueue
+from bot.sandbox_link import ThreadSandbox
+from bot.settings import Settings
+from bot.store import ConversationState, ConversationStore
+
+if TYPE_CHECKING:
+    from runner.manager import SandboxManager
+
+log = logging.getLogger(__name__)
+
+
+class JobRun:
+    """State of one job while a worker holds it. ``stop()`` is what the Stop button calls."""
+
+    def __init__(self, delivery: Delivery, queue: JobQueue, store: ConversationStore, model: ModelClient,
+                 sandboxes: SandboxManager, settings: Settings, http: aiohttp.ClientSession) -> None:
+        assert delivery.job is not None
+        self.delivery = delivery
+        self.job: Job = delivery.job
+        self.queue = queue
+        self.store = store
+        self.model = model
+        self.sandboxes = sandboxes
+        self.settings = settings
+        self.http = http
+        self.seq = 0
+        self.sandbox: ThreadSandbox | None = None
+        self.task: asyncio.Task[Any] | None = None
+        self.stopped = False
+
+    def event(self, type_: str, payload: dict[str, Any]) -> Event:
+        self.seq += 1
+        return Event(job_id=self.job.id, conversation=self.job.conversation, seq=self.seq, type=type_,  # type: ignore[arg-type]
+                     payload=payload, meta=self.job.meta)
+
+    async def emit(self, type_: str, payload: dict[str, Any]) -> None:
+        await self.queue.publish(self.job.reply_stream, self.event(type_, payload))
+
+    async def stop(self) -> None:
+        """User pressed Stop: interrupt a running cell, or cancel generation."""
+        self.stopped = True
+        if self.sandbox is not None and self.sandbox.in_cell:
+            await self.sandbox.stop()
+        elif self.task is not None:
+            if self.sandbox is not None:
+                self.sandbox.cancelled.set()
+            self.task.cancel()
+
+    async def execute(self) -> None:
+        """Run to a terminal event, then finish (publish + advance + ack) atomically."""
+        job = self.job
+        metrics.PICKUP_SECONDS.observe(max(0.0, time.time() - job.created_at))
+        state = await self.store.load(job.conversation)
+        turn: Turn | None = None
+        try:
+            if job.kind == "reset":
+                final = await self._reset(state)
+            else:
+                turn = self._turn(state)
+                self.task = asyncio.current_task()
+                final = await self._message(state, turn)
+            outcome = "ok"
+        except (JobCancelled, asyncio.CancelledError):
+            if not self.stopped:
+                raise  # worker shutdown: leave the entry pending for another worker
+            if self.task is not None:
+                self.task.uncancel()
+            final = self.event("final", {"text": turn.final_text if turn else "", "cancelled": True,
+                                         "ok": False, "rounds": turn.rounds if turn else 0})
+            await self._save(state, turn)
+            outcome = "cancelled"
+        except CodeloopError as exc:
+            metrics.ERRORS.labels(exc.kind).inc()
+            final = self.event("error", {"kind": exc.kind, "message": exc.user_message()})
+            await self._save(state, turn)
+            outcome = exc.kind
+        except Exception as exc:
+            log.exception("job %s failed", job.id)
+            metrics.ERRORS.labels("internal").inc()
+            final = self.event("error", {"kind": "internal",
+                                         "message": f"Something went wrong on our side ({type(exc).__name__})."})
+            outcome = "internal"
+        await self.queue.complete(self.delivery, final)
+        metrics.JOBS.labels(outcome).inc()
+        metrics.JOB_SECONDS.observe(max(0.0, time.time() - job.created_at))
+
+    def _turn(self, state: ConversationState) -> Turn:
+        return Turn(model=self.model, params=GenerationParams.from_settings(self.settings),
+                    max_rounds=self.settings.max_rounds, feedback_chars=self.settings.feedback_chars,
+                    system_prompt=self.settings.system_prompt or SYSTEM_PROMPT, history=list(state.history))
+
+    async def _message(self, state: ConversationState, turn: Turn) -> Event:
+        job = self.job
+        text = job.text.strip()
+        if len(text) > self.settings.max_message_chars:
+            raise InputRejected(f"The message is {len(text):,} characters; the limit is "
+                                f"{self.settings.max_message_chars:,}. Attach long text as a file instead.")
+        if not text and not job.attachments:
+            raise InputRejected("The message is empty: tell me what to do, e.g. `plot the first column of data.csv`.")
+        self.sandbox = ThreadSandbox(self.sandboxes, state, job.conversation.key, self.settings)
+        if job.attachments:
+            await self.emit("status", {"text": "receiving files"})
+            names = await self.sandbox.upload(job.attachments, self.http)
+            text = f"{text}\n\n{files_note(names)}".strip()
+        reply = await turn.run(text, self.emit, self.sandbox)
+        await self._save(state, turn)
+        metrics.ROUNDS.observe(turn.rounds)
+        return self.event("final", {"text": reply, "rounds": turn.rounds, "ok": True})
+
+    async def _reset(self, state: ConversationState) -> Event:
+        if state.session_id:
+            await self.sandboxes.destroy(state.session_id)
+        await self.store.delete(self.job.conversation)
+        return self.event("final", {"text": "Started fresh: the conversation and its Python session were reset.",
+                                    "rounds": 0, "ok": True, "reset": True})
+
+    async def _save(self, state: ConversationState, turn: Turn | None) -> None:
+        if turn is not None:
+            state.history = turn.history
+            if state.history and state.history[-1]["role"] == "user":
+                # Keep turns alternating (some chat templates insist) when a reply was cut short.
+                state.history.append({"role": "assistant", "content": turn.partial or "(stopped)"})
+        state.jobs += 1
+        await self.store.save(self.job.conversation, state)

@@ -1,0 +1,110 @@
+"""TGI / OpenAI-compatible chat server backend (huggingface_hub ``AsyncInferenceClient``).
+
+The server applies the model's own chat template. 429/503 and connection failures before the
+first token are retried with exponential backoff; if they persist, ``ModelOverloaded`` carries
+a message the user sees. A failure after tokens have streamed is not retried (the user already
+saw part of the reply), it surfaces as ``ModelError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2
+from huggingface_hub import AsyncInferenceClient
+from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError
+
+from bot.errors import ModelError, ModelOverloaded
+from bot.llm.base import ChatMessage, GenerationParams
+from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Connection failures (server restarting) are retried like overload.
+TRANSIENT = (HfHubHTTPError, InferenceTimeoutError, httpx2.TransportError, OSError)
+RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
+# A remote server's tokenizer is not at hand; ~3 characters per token over-counts code slightly,
+# which errs on the side of dropping an old turn rather than overflowing the context.
+CHARS_PER_TOKEN = 3.0
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+class TGIClient:
+    def __init__(self, url: str, *, token: str | None = None, context_tokens: int = 16384,
+                 timeout_s: float = 120.0, retries: int = 4, backoff_s: float = 0.5) -> None:
+        self.url = url.rstrip("/")
+        self.context_tokens = context_tokens
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._client = AsyncInferenceClient(base_url=self.url, token=token, timeout=timeout_s)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TGIClient:
+        assert settings.llm_url is not None  # Settings.load() enforces it for this backend
+        return cls(
+            settings.llm_url,
+            token=settings.llm_token.get_secret_value() if settings.llm_token else None,
+            context_tokens=settings.context_tokens,
+            timeout_s=settings.llm_timeout_s,
+            retries=settings.llm_retries,
+            backoff_s=settings.llm_backoff_s,
+        )
+
+    def count_tokens(self, messages: list[ChatMessage]) -> int:
+        return sum(int(len(m["content"]) / CHARS_PER_TOKEN) + 4 for m in messages)
+
+    async def _open(self, messages: list[ChatMessage], params: GenerationParams) -> AsyncIterator[Any]:
+        kwargs: dict[str, Any] = {"max_tokens": params.max_new_tokens, "stream": True}
+        if params.temperature > 0:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p)
+        else:
+            kwargs["temperature"] = 0.0  # greedy on TGI, vLLM and llama.cpp's server
+        if params.stop:
+            kwargs["stop"] = list(params.stop)
+        last: BaseException | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                stream: AsyncIterator[Any] = await self._client.chat_completion(
+                    [dict(m) for m in messages], **kwargs
+                )
+                return stream
+            except TRANSIENT as exc:
+                status = _status(exc)
+                if status is not None and status not in RETRYABLE_STATUS:
+                    raise ModelError(f"model server answered {status}: {str(exc)[:300]}") from exc
+                last = exc
+                if attempt < self.retries:
+                    delay = self.backoff_s * (2**attempt) * (1 + random.random() / 2)
+                    log.warning("model server busy (%s); retry %d/%d in %.2fs", status or exc.__class__.__name__,
+                                attempt + 1, self.retries, delay)
+                    await asyncio.sleep(delay)
+        status = _status(last) if last else None
+        what = f"HTTP {status}" if status else f"unreachable at {self.url}"
+        raise ModelOverloaded(f"{what} after {self.retries + 1} attempts") from last
+
+    async def stream_chat(self, messages: list[ChatMessage], params: GenerationParams) -> AsyncIterator[str]:
+        stream = await self._open(messages, params)
+        try:
+            async for chunk in stream:
+                if not chunk.choices:
+                    continue
+                delta = chunk.choices[0].delta.content
+                if delta:
+                    yield delta
+        except TRANSIENT as exc:
+            raise ModelError(f"the model server stream broke off: {exc}") from exc
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def aclose(self) -> None:
+        await self._client.close()

@@ -1,0 +1,76 @@
+"""Prometheus metrics (served on CODELOOP_METRICS_PORT when set) and structured logging."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextvars import ContextVar
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from bot.settings import Settings
+
+JOBS = Counter("codeloop_jobs_total", "Jobs finished, by outcome", ["outcome"])
+JOB_SECONDS = Histogram(
+    "codeloop_job_seconds", "Enqueue to final event", buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+)
+PICKUP_SECONDS = Histogram(
+    "codeloop_pickup_seconds", "Enqueue to pickup by a worker", buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 2, 10)
+)
+ROUNDS = Histogram("codeloop_rounds_per_job", "Model replies per job", buckets=(1, 2, 3, 4, 5, 8, 12))
+GEN_TOKENS_PER_S = Histogram(
+    "codeloop_generation_tokens_per_second", "Streamed chunks per second per reply (≈ tokens/s)",
+    buckets=(1, 5, 10, 20, 40, 80, 160, 320, 640),
+)
+CELL_SECONDS = Histogram(
+    "codeloop_sandbox_cell_seconds", "Sandbox cell run time", buckets=(0.005, 0.05, 0.2, 1, 5, 15, 30, 60)
+)
+ERRORS = Counter("codeloop_errors_total", "Errors by kind", ["kind"])
+DEAD_LETTERS = Counter("codeloop_dead_letters_total", "Entries moved to the dead-letter stream", ["reason"])
+QUEUE_DEPTH = Gauge("codeloop_queue_depth", "Jobs waiting (lag) and delivered-unacked (pending)", ["state"])
+ACTIVE_JOBS = Gauge("codeloop_active_jobs", "Jobs this worker holds (running or waiting their turn)")
+
+#: set per job so every log line carries its ids
+log_context: ContextVar[dict[str, str]] = ContextVar("codeloop_log_context", default={})  # noqa: B039
+
+
+def start_metrics_server(settings: Settings) -> None:
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(time.time(), 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **log_context.get(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = log_context.get()
+        record.ctx = (" " + " ".join(f"{k}={v}" for k, v in ctx.items())) if ctx else ""
+        return True
+
+
+def setup_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(_ContextFilter())
+    if settings.log_json:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s%(ctx)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level)
+    for noisy in ("httpx", "httpcore", "urllib3", "docker", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,212 @@
+"""The job queue on Redis Streams: at-least-once, idempotent enqueue, ordered per conversation.
+
+Keys (under the settings' prefix):
+    jobs                      the stream; consumer group ``workers``
+    dead                      dead-letter stream (entry + reason)
+    idem:<event id>           idempotency key -> job id (TTL)
+    conv:<key>:seq            last sequence number handed out in a conversation
+    conv:<key>:done           last sequence number finished in a conversation
+    cancel (pub/sub)          Stop requests, by conversation key
+    turn (pub/sub)            a conversation advanced its ``done`` counter
+
+Ordering: enqueue assigns each job the next ``seq`` of its conversation atomically with the
+XADD, so stream order and seq order agree. A worker runs job ``seq`` only once ``done ==
+seq - 1`` (``bot.ordering``). Finishing publishes the final event, advances ``done`` and acks
+in one transaction-ordered step, so a redelivered job that already finished is only acked.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from bot.errors import PoisonJob
+from bot.jobs import Conversation, Event, Job
+from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+GROUP = "workers"
+
+# KEYS: idem, seq, done, stream   ARGV: job id, idem ttl, conv ttl, job json, maxlen
+_ENQUEUE = """
+local existing = redis.call('GET', KEYS[1])
+if existing then return {0, existing, 0} end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+local seq = redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ARGV[3]) end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'job', ARGV[4], 'seq', seq)
+return {1, ARGV[1], seq}
+"""
+
+# KEYS: done, stream, reply   ARGV: seq, conv ttl, group, entry id, event json, reply maxlen, turn channel,
+#       conversation key
+_COMPLETE = """
+if ARGV[5] ~= '' then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'event', ARGV[5])
+end
+local done = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > done then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+redis.call('PUBLISH', ARGV[7], ARGV[8])
+return redis.call('XACK', KEYS[2], ARGV[3], ARGV[4])
+"""
+
+
+@dataclass
+class EnqueueResult:
+    job_id: str
+    created: bool
+    seq: int
+
+
+@dataclass
+class Delivery:
+    """One stream entry handed to this worker. ``job`` is None for poison entries."""
+
+    entry_id: str
+    fields: dict[str, str]
+    job: Job | None
+    deliveries: int = 1
+    error: str | None = None
+
+
+class JobQueue:
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.stream = settings.key("jobs")
+        self.dead_stream = settings.key("dead")
+        self.cancel_channel = settings.key("cancel")
+        self.turn_channel = settings.key("turn")
+        self._enqueue = redis.register_script(_ENQUEUE)
+        self._complete = redis.register_script(_COMPLETE)
+
+    # --- keys ---------------------------------------------------------------------------------
+    def conv_key(self, conversation: Conversation, name: str) -> str:
+        return self.settings.key("conv", conversation.key, name)
+
+    # --- adapters -----------------------------------------------------------------------------
+    async def enqueue(self, job: Job) -> EnqueueResult:
+        """Add a job once per idempotency key; a Stop is sent straight to the running worker."""
+        idem = self.settings.key("idem", job.conversation.platform, job.idempotency_key)
+        if job.kind == "stop":
+            if not await self.redis.set(idem, job.id, nx=True, ex=self.settings.idempotency_ttl_s):
+                return EnqueueResult(job.id, False, 0)
+            await self.cancel(job.conversation)
+            return EnqueueResult(job.id, True, 0)
+        created, job_id, seq = await self._enqueue(
+            keys=[idem, self.conv_key(job.conversation, "seq"), self.conv_key(job.conversation, "done"), self.stream],
+            args=[job.id, self.settings.idempotency_ttl_s, self.settings.conversation_ttl_s, job.dumps(),
+                  self.settings.stream_maxlen],
+        )
+        job_id = job_id.decode() if isinstance(job_id, bytes) else str(job_id)
+        return EnqueueResult(job_id, bool(created), int(seq))
+
+    async def cancel(self, conversation: Conversation) -> None:
+        await self.redis.publish(self.cancel_channel, conversation.key)
+
+    # --- workers ------------------------------------------------------------------------------
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
+        resp = await self.redis.xreadgroup(GROUP, consumer, {self.stream: ">"}, count=count, block=block_ms)
+        return [self._parse(eid, fields, 1) for _, entries in resp or [] for eid, fields in entries]
+
+    async def reclaim(self, consumer: str, count: int = 50) -> list[Delivery]:
+        """Take over entries idle longer than ``claim_idle_s`` (their worker died)."""
+        min_idle = int(self.settings.claim_idle_s * 1000)
+        resp = await self.redis.xautoclaim(self.stream, GROUP, consumer, min_idle, "0-0", count=count)
+        entries = resp[1] if resp else []
+        out = []
+        for eid, fields in entries:
+            if fields is None:  # trimmed away while pending
+                await self.redis.xack(self.stream, GROUP, eid)
+                continue
+            info = await self.redis.xpending_range(self.stream, GROUP, min=eid, max=eid, count=1)
+            deliveries = int(info[0]["times_delivered"]) if info else 1
+            out.append(self._parse(eid, fields, deliveries))
+        return out
+
+    async def touch(self, consumer: str, entry_ids: list[str]) -> None:
+        """Reset the idle time of entries this worker is still working on (heartbeat)."""
+        if entry_ids:
+            await self.redis.xclaim(self.stream, GROUP, consumer, 0, entry_ids, justid=True)
+
+    async def release(self, consumer: str, entry_ids: list[str]) -> None:
+        """Give entries back at shutdown: mark them idle so the next reclaim takes them at once."""
+        if entry_ids:
+            idle = int(self.settings.claim_idle_s * 1000) + 1
+            await self.redis.xclaim(self.stream, GROUP, consumer, 0, entry_ids, idle=idle, justid=True)
+
+    async def is_done(self, job: Job) -> bool:
+        done = await self.redis.get(self.conv_key(job.conversation, "done"))
+        return int(done or 0) >= job.seq
+
+    async def complete(self, delivery: Delivery, final: Event | None) -> None:
+        """Publish the terminal event, advance the conversation, and ack — in one script."""
+        job = delivery.job
+        assert job is not None
+        await self._complete(
+            keys=[self.conv_key(job.conversation, "done"), self.stream, job.reply_stream],
+            args=[job.seq, self.settings.conversation_ttl_s, GROUP, delivery.entry_id,
+                  final.dumps() if final else "", self.settings.stream_maxlen, self.turn_channel,
+                  job.conversation.key],
+        )
+
+    async def publish(self, reply_stream: str, event: Event) -> None:
+        await self.redis.xadd(reply_stream, {"event": event.dumps()}, maxlen=self.settings.stream_maxlen,
+                              approximate=True)
+
+    async def dead_letter(self, delivery: Delivery, reason: str, final: Event | None = None) -> None:
+        """Move an entry to the dead-letter stream with its reason; the user is told via ``final``."""
+        record: dict[str, Any] = {**delivery.fields, "reason": reason, "entry_id": delivery.entry_id,
+                                  "deliveries": delivery.deliveries, "dead_at": time.time()}
+        await self.redis.xadd(self.dead_stream, {k: str(v) for k, v in record.items()},
+                              maxlen=self.settings.stream_maxlen, approximate=True)
+        if delivery.job is not None:
+            await self.complete(delivery, final)
+        else:
+            await self.redis.xack(self.stream, GROUP, delivery.entry_id)
+        log.warning("dead-lettered %s: %s", delivery.entry_id, reason)
+
+    async def depth(self) -> dict[str, int]:
+        """Entries not yet delivered (lag) and delivered but unacked (pending)."""
+        try:
+            groups = await self.redis.xinfo_groups(self.stream)
+        except ResponseError:
+            return {"lag": 0, "pending": 0}
+        for g in groups:
+            if g["name"] in (GROUP, GROUP.encode()):
+                return {"lag": int(g.get("lag") or 0), "pending": int(g["pending"])}
+        return {"lag": 0, "pending": 0}
+
+    # --- parsing ------------------------------------------------------------------------------
+    @staticmethod
+    def _parse(entry_id: Any, raw_fields: dict[Any, Any], deliveries: int) -> Delivery:
+        eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        fields = {
+            (k.decode() if isinstance(k, bytes) else str(k)): (v.decode("utf-8", "replace") if isinstance(v, bytes)
+                                                              else str(v))
+            for k, v in raw_fields.items()
+        }
+        try:
+            if "job" not in fields:
+                raise PoisonJob("entry has no 'job' field")
+            job = Job.loads(fields["job"])
+            job.seq = int(fields.get("seq", "0"))
+            if job.seq < 1:
+                raise PoisonJob("entry has no valid 'seq' (not enqueued through JobQueue.enqueue)")
+        except (PoisonJob, ValueError) as exc:
+            return Delivery(eid, fields, None, deliveries, error=str(exc))
+        return Delivery(eid, fields, job, deliveries)

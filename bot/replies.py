@@ -1,0 +1,85 @@
+"""Reading a reply stream on the adapter side: at-least-once delivery, idempotent rendering.
+
+Each adapter kind has one reply stream (``<prefix>:replies:<adapter>``) read through a consumer
+group, so a restarted adapter resumes where it left off and replicas share the work. Before an
+event is rendered, ``rendered:<job>:<seq>`` is claimed with SET NX; a terminal event is claimed
+once per job, so a job re-run after a worker died never shows two final replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from bot.jobs import Event
+from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Event], Awaitable[None]]
+
+
+def reply_stream(settings: Settings, adapter: str) -> str:
+    return settings.key("replies", adapter)
+
+
+class ReplyReader:
+    def __init__(self, redis: aioredis.Redis, settings: Settings, adapter: str, consumer: str | None = None) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.stream = reply_stream(settings, adapter)
+        self.group = adapter
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def claim(self, event: Event) -> bool:
+        """True the first time this (job, seq) — or this job's terminal event — is seen."""
+        slot = "terminal" if event.terminal else str(event.seq)
+        key = self.settings.key("rendered", event.job_id, slot)
+        return bool(await self.redis.set(key, 1, nx=True, ex=self.settings.idempotency_ttl_s))
+
+    async def run(self, handler: Handler, stop: asyncio.Event | None = None, block_ms: int = 1000) -> None:
+        """Render events until ``stop`` is set. Our own pending entries (from a crash) go first."""
+        await self.ensure_group()
+        start_id = "0"  # first drain what this consumer had pending, then new entries
+        while stop is None or not stop.is_set():
+            try:
+                resp = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: start_id},
+                                                   count=64, block=None if start_id == "0" else block_ms)
+            except (ConnectionError, OSError, aioredis.ConnectionError) as exc:
+                log.warning("reply reader lost Redis (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+                continue
+            entries = [e for _, batch in resp or [] for e in batch]
+            if start_id == "0" and not entries:
+                start_id = ">"
+                continue
+            for entry_id, fields in entries:
+                await self._handle(entry_id, fields, handler)
+
+    async def _handle(self, entry_id: bytes | str, fields: dict[bytes, bytes], handler: Handler) -> None:
+        raw = fields.get(b"event") or fields.get("event")  # type: ignore[call-overload]
+        try:
+            event = Event.loads(raw) if raw is not None else None
+        except ValueError as exc:
+            log.error("unreadable reply entry %r: %s", entry_id, exc)
+            event = None
+        if event is not None and await self.claim(event):
+            try:
+                await handler(event)
+            except Exception:
+                # A rendering failure must not wedge the stream; the platform layer already retried.
+                log.exception("rendering %s #%d (%s) failed", event.job_id, event.seq, event.type)
+        await self.redis.xack(self.stream, self.group, entry_id)

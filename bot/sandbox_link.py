@@ -1,0 +1,110 @@
+"""The worker's side of a thread's sandbox: acquired lazily, uploads placed, Stop honoured."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+from typing import TYPE_CHECKING
+
+import aiohttp
+from runner.results import ExecutionResult
+
+from bot.errors import InputRejected, JobCancelled
+from bot.jobs import Attachment
+from bot.settings import Settings
+from bot.store import ConversationState
+
+if TYPE_CHECKING:
+    from runner.manager import SandboxManager, SandboxSession
+
+log = logging.getLogger(__name__)
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
+
+
+def safe_filename(name: str) -> str:
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = _SAFE_NAME.sub("_", base).strip(" .") or "upload"
+    return base[:120]
+
+
+class ThreadSandbox:
+    """Implements the agent's ``CodeRunner`` for one job of one conversation."""
+
+    def __init__(self, manager: SandboxManager, state: ConversationState, label: str, settings: Settings) -> None:
+        self.manager = manager
+        self.state = state
+        self.label = label
+        self.settings = settings
+        self.session: SandboxSession | None = None
+        self.notes: list[str] = []
+        self.in_cell = False
+        self.cancelled = asyncio.Event()
+
+    async def ensure(self) -> SandboxSession:
+        if self.session is None:
+            self.session, note = await self.manager.acquire(self.state.session_id, self.label)
+            if note:
+                self.notes.append(note)
+                self.state.files.clear()
+            self.state.session_id = self.session.id
+        return self.session
+
+    async def run(self, code: str) -> tuple[ExecutionResult, list[str]]:
+        session = await self.ensure()
+        notes, self.notes = self.notes, []
+        self.in_cell = True
+        try:
+            result = await session.run(code)
+        finally:
+            self.in_cell = False
+        if self.cancelled.is_set():
+            raise JobCancelled()
+        return result, notes
+
+    async def stop(self) -> None:
+        """Interrupt the running cell (the session stays usable)."""
+        self.cancelled.set()
+        if self.in_cell and self.session is not None:
+            await self.session.interrupt()
+
+    async def upload(self, attachments: list[Attachment], http: aiohttp.ClientSession) -> list[str]:
+        """Fetch each attachment and place it in /mnt/data; returns the names used."""
+        names = []
+        for att in attachments:
+            if att.size > self.settings.max_upload_bytes:
+                raise InputRejected(self._too_big(att.name, att.size))
+            data = att.data()
+            if data is None:
+                data = await self._download(att, http)
+            name = safe_filename(att.name)
+            await (await self.ensure()).put_file(name, data)
+            if name not in self.state.files:
+                self.state.files.append(name)
+            names.append(name)
+        return names
+
+    def _too_big(self, name: str, size: int) -> str:
+        return (f"{name} is {size / 1e6:.1f} MB; uploads are limited to "
+                f"{self.settings.max_upload_bytes / 1e6:.0f} MB.")
+
+    async def _download(self, att: Attachment, http: aiohttp.ClientSession) -> bytes:
+        if not att.url:
+            raise InputRejected(f"{att.name}: the upload has neither data nor a URL")
+        headers = {}
+        if att.auth == "slack" and self.settings.slack_bot_token:
+            headers["Authorization"] = f"Bearer {self.settings.slack_bot_token.get_secret_value()}"
+        limit = self.settings.max_upload_bytes
+        async with http.get(att.url, headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as resp:
+            if resp.status != 200:
+                raise InputRejected(f"{att.name}: could not download the upload (HTTP {resp.status})")
+            chunks, total = [], 0
+            async for chunk in resp.content.iter_chunked(1 << 16):
+                total += len(chunk)
+                if total > limit:
+                    raise InputRejected(self._too_big(att.name, total))
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+

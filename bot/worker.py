@@ -1,0 +1,250 @@
+"""``codeloop worker``: consume jobs, run the agent, publish replies.
+
+Many workers (on many hosts) share one consumer group. Each holds up to ``worker_concurrency``
+running jobs; jobs waiting for their conversation's turn don't take a slot. A heartbeat keeps
+held entries fresh and renews conversation locks; entries of a dead worker are reclaimed after
+``claim_idle_s`` and dead-lettered after ``max_deliveries``. SIGTERM stops intake, lets running
+jobs finish for a grace period, then releases the rest for another worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import uuid
+from typing import TYPE_CHECKING
+
+import aiohttp
+import redis.asyncio as aioredis
+from redis.asyncio.lock import Lock
+
+from bot import metrics
+from bot.errors import SandboxUnavailable
+from bot.jobrun import JobRun
+from bot.jobs import Event
+from bot.llm import make_client
+from bot.llm.base import ModelClient
+from bot.ordering import Signals
+from bot.queue import Delivery, JobQueue
+from bot.settings import Settings
+from bot.store import ConversationStore
+
+if TYPE_CHECKING:
+    from runner.manager import SandboxManager
+
+log = logging.getLogger(__name__)
+SHUTDOWN_GRACE_S = 20.0
+
+
+def _make_sandboxes(settings: Settings) -> SandboxManager:
+    from runner.config import SandboxConfig
+    from runner.manager import SandboxManager
+
+    return SandboxManager(SandboxConfig.from_settings(settings))
+
+
+class Worker:
+    def __init__(self, settings: Settings, *, model: ModelClient | None = None,
+                 sandboxes: SandboxManager | None = None, name: str | None = None) -> None:
+        self.settings = settings
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.redis = aioredis.from_url(settings.redis_url)
+        self.queue = JobQueue(self.redis, settings)
+        self.store = ConversationStore(self.redis, settings)
+        self.model = model
+        self.sandboxes = sandboxes
+        self.slots = asyncio.Semaphore(settings.worker_concurrency)
+        self.held: dict[str, JobRun | None] = {}  # entry id -> run (None while parked/waiting)
+        self.running: dict[str, JobRun] = {}  # conversation key -> run
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.locks: dict[str, Lock] = {}
+        self.stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def run(self) -> None:
+        await self.redis.ping()
+        await self.queue.ensure_group()
+        if self.model is None:
+            self.model = make_client(self.settings)
+        if self.sandboxes is None:
+            self.sandboxes = _make_sandboxes(self.settings)
+        await self.sandboxes.start()
+        signals = Signals(self.redis, self.queue, self._on_cancel)
+        await signals.start()
+        self.signals = signals
+        background = [asyncio.create_task(c) for c in (self._heartbeat(), self._reclaim_loop())]
+        async with aiohttp.ClientSession() as http:
+            self.http = http
+            log.info("worker %s ready (backend=%s, concurrency=%d)", self.name, self.settings.backend,
+                     self.settings.worker_concurrency)
+            self.ready.set()
+            try:
+                await self._intake()
+            finally:
+                await self._drain()
+                for task in background:
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
+                await signals.stop()
+                await self.sandboxes.aclose()
+                await self.redis.delete(self.settings.key("workers", self.name))
+                await self.redis.aclose()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def _intake(self) -> None:
+        limit = self.settings.worker_concurrency * 4  # bound on jobs held while waiting their turn
+        while not self.stopping.is_set():
+            free = limit - len(self.held)
+            if free <= 0:
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                deliveries = await self.queue.read(self.name, count=min(free, 32), block_ms=500)
+            except (aioredis.ConnectionError, OSError) as exc:
+                log.warning("lost Redis (%s); reconnecting in 1s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for delivery in deliveries:
+                self._spawn(delivery)
+
+    async def _drain(self) -> None:
+        if not self.tasks:
+            return
+        _, pending = await asyncio.wait(self.tasks, timeout=SHUTDOWN_GRACE_S)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        left = list(self.held)
+        with contextlib.suppress(Exception):
+            await self.queue.release(self.name, left)
+        if left:
+            log.warning("released %d unfinished job(s) to other workers", len(left))
+
+    # --- one delivery ---------------------------------------------------------------------
+    def _spawn(self, delivery: Delivery) -> None:
+        self.held[delivery.entry_id] = None
+        task = asyncio.create_task(self._handle(delivery))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        metrics.ACTIVE_JOBS.inc()
+        try:
+            await self._process(delivery)
+            self.held.pop(delivery.entry_id, None)
+        except asyncio.CancelledError:
+            pass  # shutdown: stays in self.held so _drain releases it
+        except Exception:
+            log.exception("could not finish entry %s; it will be retried", delivery.entry_id)
+            self.held.pop(delivery.entry_id, None)
+        finally:
+            metrics.ACTIVE_JOBS.dec()
+
+    async def _process(self, delivery: Delivery) -> None:
+        job = delivery.job
+        if job is None:
+            metrics.DEAD_LETTERS.labels("poison").inc()
+            await self.queue.dead_letter(delivery, delivery.error or "poison")
+            return
+        if delivery.deliveries > self.settings.max_deliveries:
+            metrics.DEAD_LETTERS.labels("deliveries").inc()
+            final = Event(job_id=job.id, conversation=job.conversation, seq=10_000, type="error", meta=job.meta,
+                          payload={"kind": "dead_letter", "message": "Sorry, this request failed repeatedly and "
+                                   "was set aside. Please try again or rephrase it."})
+            await self.queue.dead_letter(delivery, f"delivered {delivery.deliveries} times", final)
+            return
+        if await self.queue.is_done(job):
+            await self.queue.complete(delivery, None)  # finished before a crash hid the ack
+            return
+        await self.signals.wait_turn(job)
+        lock = Lock(self.redis, self.queue.conv_key(job.conversation, "lock"), timeout=self.settings.lock_ttl_s,
+                    sleep=0.05)
+        assert self.model is not None and self.sandboxes is not None
+        async with self.slots:
+            await lock.acquire()
+            self.locks[delivery.entry_id] = lock
+            run = JobRun(delivery, self.queue, self.store, self.model, self.sandboxes, self.settings, self.http)
+            self.held[delivery.entry_id] = run
+            self.running[job.conversation.key] = run
+            token = metrics.log_context.set({"job": job.id, "conversation": job.conversation.key})
+            try:
+                await run.execute()
+            finally:
+                metrics.log_context.reset(token)
+                self.running.pop(job.conversation.key, None)
+                self.locks.pop(delivery.entry_id, None)
+                with contextlib.suppress(Exception):
+                    await lock.release()
+
+    def _on_cancel(self, conversation_key: str) -> None:
+        run = self.running.get(conversation_key)
+        if run is not None:
+            log.info("stop requested for %s", conversation_key)
+            asyncio.get_running_loop().create_task(run.stop())
+
+    # --- background -------------------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        period = min(self.settings.lock_ttl_s, self.settings.claim_idle_s) / 3
+        while True:
+            try:
+                await self.redis.set(self.settings.key("workers", self.name), "1", ex=max(2, int(period * 3)))
+                await self.queue.touch(self.name, list(self.held))
+                for lock in list(self.locks.values()):
+                    with contextlib.suppress(Exception):
+                        await lock.reacquire()
+                depth = await self.queue.depth()
+                for state, value in depth.items():
+                    metrics.QUEUE_DEPTH.labels(state).set(value)
+            except (aioredis.ConnectionError, OSError) as exc:
+                log.warning("heartbeat: Redis unavailable (%s)", exc)
+            await asyncio.sleep(period)
+
+    async def _reclaim_loop(self) -> None:
+        period = max(0.2, self.settings.claim_idle_s / 2)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                for delivery in await self.queue.reclaim(self.name):
+                    if delivery.entry_id not in self.held:
+                        log.info("reclaimed %s (delivery %d)", delivery.entry_id, delivery.deliveries)
+                        self._spawn(delivery)
+            except (aioredis.ConnectionError, OSError) as exc:
+                log.warning("reclaim: Redis unavailable (%s)", exc)
+
+
+async def any_worker_alive(redis: aioredis.Redis, settings: Settings) -> bool:
+    async for _ in redis.scan_iter(match=settings.key("workers", "*"), count=100):
+        return True
+    return False
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--concurrency", type=int, help="jobs at once (default CODELOOP_WORKER_CONCURRENCY)")
+
+
+def main(args: argparse.Namespace) -> int:
+    overrides = {"worker_concurrency": args.concurrency} if args.concurrency else {}
+    settings = Settings.load(**overrides)
+    metrics.setup_logging(settings)
+    metrics.start_metrics_server(settings)
+
+    async def serve() -> None:
+        worker = Worker(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        try:
+            await worker.run()
+        except SandboxUnavailable:
+            raise
+
+    asyncio.run(serve())
+    return 0

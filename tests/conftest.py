@@ -1,0 +1,82 @@
+"""Shared fixtures: real Redis (per-test key prefix, cleaned after), settings factory.
+
+Services are expected on loopback (``.ci/run`` starts them): Redis at CODELOOP_TEST_REDIS_URL
+(default redis://127.0.0.1:6379/0) and the Docker engine at DOCKER_HOST (default socket).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from bot.settings import Settings
+
+REDIS_URL = os.environ.get("CODELOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see the developer's CODELOOP_* variables."""
+    for name in list(os.environ):
+        if name.startswith("CODELOOP_") and name != "CODELOOP_TEST_REDIS_URL":
+            monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    return f"cltest-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def make_settings(key_prefix: str) -> Callable[..., Settings]:
+    """Settings for a test: its own Redis key prefix, fast reclaim, small pools."""
+
+    def factory(**overrides: Any) -> Settings:
+        base: dict[str, Any] = {
+            "redis_url": REDIS_URL,
+            "key_prefix": key_prefix,
+            "llm_backend": "tgi",
+            "llm_url": "http://127.0.0.1:9",  # replaced by tests that talk to a model
+            "sandbox_pool_size": 0,
+            "llm_backoff_s": 0.01,
+        }
+        base.update(overrides)
+        return Settings.load(**base)
+
+    return factory
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+async def redis_client(key_prefix: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        await client.ping()
+    except Exception as exc:  # pragma: no cover - environment problem, not a test failure mode
+        pytest.fail(f"Redis is not reachable at {REDIS_URL} ({exc}); `bash .ci/run` starts it")
+    yield client
+    keys = [k async for k in client.scan_iter(match=f"{key_prefix}:*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture
+def sync_cleanup() -> Iterator[list[Callable[[], None]]]:
+    """Register callables to run at teardown (e.g. container removal)."""
+    callbacks: list[Callable[[], None]] = []
+    yield callbacks
+    for cb in reversed(callbacks):
+        try:
+            cb()
+        except Exception:
+            pass

@@ -1,0 +1,137 @@
+"""A scripted model server speaking the TGI / OpenAI chat-completions API over real HTTP.
+
+Stands in for a GPU model server in tests. Replies come from a script:
+  * a list of strings, served in order (the last one repeats), or
+  * a function ``(messages) -> str`` for replies that depend on the conversation.
+It can also answer ``fail_times`` requests with ``fail_status`` (429/503) first, or stall.
+
+Run standalone (for the compose smoke test):
+    python -m tests.fakes.model_server --port 8080 --script replies.json
+where replies.json is a JSON list of reply strings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+Script = list[str] | Callable[[list[dict[str, Any]]], str]
+
+
+@dataclass
+class ScriptedModelServer:
+    script: Script = field(default_factory=lambda: ["Hello!"])
+    chunk_chars: int = 7
+    chunk_delay_s: float = 0.0
+    fail_times: int = 0
+    fail_status: int = 429
+    stall_s: float = 0.0
+    host: str = "127.0.0.1"
+    port: int = 0
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    _served: int = 0
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def next_reply(self, messages: list[dict[str, Any]]) -> str:
+        if callable(self.script):
+            return self.script(messages)
+        reply = self.script[min(self._served, len(self.script) - 1)]
+        self._served += 1
+        return reply
+
+    async def start(self) -> ScriptedModelServer:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/info", self._info)
+        app.router.add_get("/v1/models", self._models)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _health(self, _: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def _info(self, _: web.Request) -> web.Response:
+        return web.json_response({"model_id": "scripted", "max_total_tokens": 16384})
+
+    async def _models(self, _: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "scripted", "object": "model"}]})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        if self.fail_times > 0:
+            self.fail_times -= 1
+            return web.json_response({"error": "Model is overloaded", "error_type": "overloaded"},
+                                     status=self.fail_status)
+        if self.stall_s:
+            await asyncio.sleep(self.stall_s)
+        reply = self.next_reply(body["messages"])
+        for stop in body.get("stop") or []:
+            reply = reply.split(stop)[0]
+        created = int(time.time())
+        rid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
+        if not body.get("stream"):
+            return web.json_response({
+                "id": rid, "object": "chat.completion", "created": created, "model": "scripted",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            })
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        pieces = [reply[i:i + self.chunk_chars] for i in range(0, len(reply), self.chunk_chars)]
+        for piece in pieces:
+            await resp.write(self._sse(rid, created, {"role": "assistant", "content": piece}, None))
+            if self.chunk_delay_s:
+                await asyncio.sleep(self.chunk_delay_s)
+        await resp.write(self._sse(rid, created, {}, "stop"))
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    @staticmethod
+    def _sse(rid: str, created: int, delta: dict[str, Any], finish: str | None) -> bytes:
+        chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": "scripted",
+                 "system_fingerprint": "scripted",
+                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--script", help="JSON file with a list of reply strings")
+    args = parser.parse_args()
+    replies = json.load(open(args.script)) if args.script else ["Hello from the scripted model."]
+
+    async def serve() -> None:
+        server = await ScriptedModelServer(script=replies, host=args.host, port=args.port).start()
+        print(f"scripted model server on {server.url}", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
