@@ -20,10 +20,8 @@ import threading
 import uuid
 from pathlib import Path
 
-import redis.asyncio as aioredis
-
-from bot import metrics
-from bot.errors import InputRejected, QueueError
+from bot import metrics, redis_conn
+from bot.errors import InputRejected
 from bot.jobs import Attachment, Conversation, Event, Job
 from bot.queue import JobQueue
 from bot.settings import Settings
@@ -80,7 +78,7 @@ class ConsoleRenderer:
 class Console:
     def __init__(self, settings: Settings, thread: str | None, out_dir: Path, interactive: bool) -> None:
         self.settings = settings
-        self.redis = aioredis.from_url(settings.redis_url)
+        self.redis = redis_conn.connect(settings)
         self.queue = JobQueue(self.redis, settings)
         self.conversation = Conversation(platform="console", workspace=socket.gethostname(), channel="terminal",
                                          thread=thread or uuid.uuid4().hex[:12])
@@ -91,11 +89,7 @@ class Console:
         self.last_id = "0"
 
     async def connect(self) -> None:
-        try:
-            await self.redis.ping()
-        except (aioredis.ConnectionError, OSError) as exc:
-            raise QueueError(f"Redis is not reachable at {self.settings.redis_url} ({exc}). Start it "
-                             "(`redis-server --daemonize yes`) or set CODELOOP_REDIS_URL.") from None
+        await redis_conn.check(self.redis, self.settings)
 
     async def send(self, text: str, kind: str = "message") -> None:
         job = Job(idempotency_key=uuid.uuid4().hex, conversation=self.conversation, user="console",

@@ -66,7 +66,6 @@ class JobRun:
     async def execute(self) -> None:
         """Run to a terminal event, then finish (publish + advance + ack) atomically."""
         job = self.job
-        metrics.PICKUP_SECONDS.observe(max(0.0, time.time() - job.created_at))
         state = await self.store.load(job.conversation)
         turn: Turn | None = None
         try:

@@ -16,15 +16,16 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import aiohttp
 import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
 
-from bot import metrics
-from bot.errors import SandboxUnavailable
+from bot import metrics, redis_conn
 from bot.jobrun import JobRun
 from bot.jobs import Event
 from bot.llm import make_client
@@ -53,7 +54,7 @@ class Worker:
                  sandboxes: SandboxManager | None = None, name: str | None = None) -> None:
         self.settings = settings
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.redis = aioredis.from_url(settings.redis_url)
+        self.redis = redis_conn.connect(settings)
         self.queue = JobQueue(self.redis, settings)
         self.store = ConversationStore(self.redis, settings)
         self.model = model
@@ -65,10 +66,12 @@ class Worker:
         self.locks: dict[str, Lock] = {}
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
+        #: called with each job's enqueue->pickup seconds (benchmarks)
+        self.pickup_observer: Callable[[float], None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self) -> None:
-        await self.redis.ping()
+        await redis_conn.check(self.redis, self.settings)
         await self.queue.ensure_group()
         if self.model is None:
             self.model = make_client(self.settings)
@@ -130,6 +133,11 @@ class Worker:
 
     # --- one delivery ---------------------------------------------------------------------
     def _spawn(self, delivery: Delivery) -> None:
+        if delivery.job is not None and delivery.deliveries == 1:
+            waited = max(0.0, time.time() - delivery.job.created_at)
+            metrics.PICKUP_SECONDS.observe(waited)
+            if self.pickup_observer is not None:
+                self.pickup_observer(waited)
         self.held[delivery.entry_id] = None
         task = asyncio.create_task(self._handle(delivery))
         self.tasks.add(task)
@@ -241,10 +249,7 @@ def main(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
-        try:
-            await worker.run()
-        except SandboxUnavailable:
-            raise
+        await worker.run()
 
     asyncio.run(serve())
     return 0

@@ -6,6 +6,7 @@ Services are expected on loopback (``.ci/run`` starts them): Redis at CODELOOP_T
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -80,3 +81,64 @@ def sync_cleanup() -> Iterator[list[Callable[[], None]]]:
             cb()
         except Exception:
             pass
+
+
+# --- end-to-end: scripted model server, real worker, real sandboxes -------------------------
+
+@pytest.fixture
+async def model_server() -> AsyncIterator[Any]:
+    """A scripted OpenAI/TGI chat server on loopback; set ``.script`` in the test."""
+    from tests.fakes.model_server import ScriptedModelServer
+
+    server = await ScriptedModelServer().start()
+    yield server
+    await server.stop()
+
+
+def _remove_test_containers(key_prefix: str) -> None:
+    import docker
+
+    client = docker.from_env()
+    for container in client.containers.list(all=True, filters={"label": f"codeloop.test={key_prefix}"}):
+        try:
+            container.remove(force=True)
+        except docker.errors.APIError:
+            pass
+    client.close()
+
+
+@pytest.fixture
+async def start_worker(make_settings: Callable[..., Settings], model_server: Any,
+                       key_prefix: str) -> AsyncIterator[Callable[..., Any]]:
+    """``await start_worker(**setting_overrides) -> Worker``: a real worker on the scripted model
+    and real Docker sandboxes (labelled for this test and removed afterwards)."""
+    import asyncio
+
+    from runner.config import SandboxConfig
+    from runner.manager import SandboxManager
+
+    from bot.worker import Worker
+
+    started: list[tuple[Worker, asyncio.Task[None]]] = []
+
+    async def factory(**overrides: Any) -> Worker:
+        overrides.setdefault("llm_url", model_server.url)
+        overrides.setdefault("sandbox_cell_timeout_s", 10.0)
+        settings = make_settings(**overrides)
+        manager = SandboxManager(SandboxConfig.from_settings(settings, labels={"codeloop.test": key_prefix}))
+        worker = Worker(settings, sandboxes=manager)
+        task = asyncio.create_task(worker.run())
+        ready = asyncio.create_task(worker.ready.wait())
+        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED, timeout=60)
+        if task.done():
+            task.result()
+        assert worker.ready.is_set(), "worker did not become ready in 60 s"
+        started.append((worker, task))
+        return worker
+
+    yield factory
+    for worker, task in started:
+        worker.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, timeout=30)
+    await asyncio.to_thread(_remove_test_containers, key_prefix)

@@ -1,0 +1,7 @@
+check:
+	scripts/check
+
+bootstrap:
+	scripts/bootstrap
+
+.PHONY: check bootstrap

@@ -1,0 +1,159 @@
+"""``codeloop bench queue``: the whole queue path vs a raw redis-py stream loop, same run.
+
+Whole path: idempotent enqueue -> pickup -> turn/lock -> status + final events -> ack, through
+the real ``Worker`` with a no-op agent (a model that answers "ok" without code, so no sandbox).
+Raw: XADD / XREADGROUP / XACK with the same number of producers. One JSON object per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from bot.jobs import Conversation, Job
+from bot.llm.base import ChatMessage, GenerationParams
+from bot.queue import JobQueue
+from bot.settings import Settings
+from bot.worker import Worker
+
+
+class NoopModel:
+    context_tokens = 1 << 20
+
+    async def stream_chat(self, messages: list[ChatMessage], params: GenerationParams) -> AsyncIterator[str]:
+        yield "ok"
+
+    def count_tokens(self, messages: list[ChatMessage]) -> int:
+        return 1
+
+    async def aclose(self) -> None:
+        return None
+
+
+class NoSandbox:
+    """The no-op agent never runs code; using a sandbox here would be a benchmark bug."""
+
+    async def start(self) -> None:
+        return None
+
+    async def acquire(self, session_id: str | None, label: str) -> Any:
+        raise AssertionError("no-op agent asked for a sandbox")
+
+    async def destroy(self, session_id: str) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def emit(name: str, value: float, unit: str, **extra: Any) -> None:
+    print(json.dumps({"name": name, "value": round(value, 3), "unit": unit, **extra}), flush=True)
+
+
+async def raw_loop(url: str, producers: int, jobs: int) -> tuple[float, list[float]]:
+    """The floor: XADD by N producers, one XREADGROUP consumer that XACKs each entry."""
+    r = aioredis.from_url(url)
+    stream = f"codeloop-bench-raw:{uuid.uuid4().hex}"
+    await r.xgroup_create(stream, "g", id="0", mkstream=True)
+    latencies: list[float] = []
+    per = jobs // producers
+
+    async def produce() -> None:
+        for _ in range(per):
+            await r.xadd(stream, {"t": repr(time.perf_counter())})
+
+    async def consume() -> None:
+        seen = 0
+        while seen < per * producers:
+            resp = await r.xreadgroup("g", "c", {stream: ">"}, count=64, block=1000)
+            now = time.perf_counter()
+            for _, entries in resp or []:
+                for eid, fields in entries:
+                    latencies.append(now - float(fields[b"t"]))
+                    await r.xack(stream, "g", eid)
+                    seen += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(consume(), *(produce() for _ in range(producers)))
+    elapsed = time.perf_counter() - start
+    await r.delete(stream)
+    await r.aclose()
+    return per * producers / elapsed, latencies
+
+
+async def whole_path(url: str, producers: int, jobs: int, concurrency: int) -> tuple[float, list[float]]:
+    prefix = f"codeloop-bench-{uuid.uuid4().hex[:8]}"
+    settings = Settings.load(redis_url=url, key_prefix=prefix, llm_backend="tgi", llm_url="http://127.0.0.1:9",
+                             worker_concurrency=concurrency)
+    latencies: list[float] = []
+    worker = Worker(settings, model=NoopModel(), sandboxes=NoSandbox())  # type: ignore[arg-type]
+    worker.pickup_observer = latencies.append
+    worker_task = asyncio.create_task(worker.run())
+    await worker.ready.wait()
+    r = aioredis.from_url(url)
+    queue = JobQueue(r, settings)
+    reply = settings.key("replies", "bench")
+    per = jobs // producers
+
+    async def produce(p: int) -> None:
+        for i in range(per):
+            job = Job(idempotency_key=f"{p}-{i}", user="u", reply_stream=reply, text="hi",
+                      conversation=Conversation(platform="bench", channel="c", thread=f"{p}-{i % 50}"))
+            await queue.enqueue(job)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(produce(p) for p in range(producers)))
+    done_key = f"{prefix}:bench-finals"
+    while len(latencies) < per * producers or (await queue.depth())["pending"]:
+        await asyncio.sleep(0.002)
+    elapsed = time.perf_counter() - start
+    finals = sum(1 for _, f in await r.xrange(reply) if b'"type":"final"' in f[b"event"])
+    worker.stop()
+    await worker_task
+    keys = [k async for k in r.scan_iter(match=f"{prefix}:*", count=1000)] + [done_key]
+    await r.delete(*keys)
+    await r.aclose()
+    if finals != per * producers:
+        raise RuntimeError(f"expected {per * producers} final events, saw {finals}")
+    return per * producers / elapsed, latencies
+
+
+async def run(args: argparse.Namespace) -> None:
+    for producers in args.producers:
+        raw_rate, raw_lat = await raw_loop(args.redis_url, producers, args.jobs)
+        rate, lat = await whole_path(args.redis_url, producers, args.jobs, args.concurrency)
+        common = {"producers": producers, "jobs": args.jobs}
+        emit("raw_stream_jobs_per_s", raw_rate, "jobs/s", **common)
+        emit("queue_jobs_per_s", rate, "jobs/s", baseline=round(raw_rate, 1), ratio=round(rate / raw_rate, 3),
+             **common)
+        emit("raw_enqueue_to_pickup_p50", statistics.median(raw_lat) * 1e3, "ms", **common)
+        emit("queue_enqueue_to_pickup_p50", statistics.median(lat) * 1e3, "ms",
+             baseline=round(statistics.median(raw_lat) * 1e3, 3), **common)
+        emit("queue_enqueue_to_pickup_p99", _pct(lat, 0.99) * 1e3, "ms",
+             baseline=round(_pct(raw_lat, 0.99) * 1e3, 3), **common)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--producers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8],
+                        help="comma-separated producer counts (default 1,8)")
+    parser.add_argument("--jobs", type=int, default=4000)
+    parser.add_argument("--concurrency", type=int, default=64, help="worker job slots")
+
+
+def main(args: argparse.Namespace) -> int:
+    asyncio.run(run(args))
+    return 0

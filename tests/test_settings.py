@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import pytest
+
+from bot.errors import ConfigError
+from bot.settings import Settings
+
+
+def test_defaults_are_the_papers(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Settings.load()
+    assert s.backend == "transformers" and s.model == "m-a-p/OpenCodeInterpreter-DS-1.3B"
+    assert (s.max_new_tokens, s.temperature, s.max_rounds) == (1024, 0.0, 3)
+
+
+def test_url_selects_tgi_and_lists_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CODELOOP_LLM_URL", "http://127.0.0.1:8080")
+    monkeypatch.setenv("CODELOOP_SLACK_ALLOWED_CHANNELS", "C1, C2,")
+    s = Settings.load()
+    assert s.backend == "tgi" and s.slack_allowed_channels == ["C1", "C2"]
+
+
+def test_invalid_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CODELOOP_MAX_ROUNDS", "many")
+    with pytest.raises(ConfigError, match="CODELOOP_MAX_ROUNDS"):
+        Settings.load()
+
+
+def test_tgi_without_url_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CODELOOP_LLM_BACKEND", "tgi")
+    with pytest.raises(ConfigError, match="CODELOOP_LLM_URL"):
+        Settings.load()
+
+
+def test_require_names_every_missing_setting() -> None:
+    with pytest.raises(ConfigError, match="CODELOOP_SLACK_BOT_TOKEN, CODELOOP_SLACK_APP_TOKEN"):
+        Settings.load().require("slack_bot_token", "slack_app_token")
+
+
+def test_secrets_do_not_show(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CODELOOP_SLACK_BOT_TOKEN", "xoxb-very-secret")
+    s = Settings.load()
+    assert "xoxb-very-secret" not in repr(s) and "xoxb-very-secret" not in str(s)
