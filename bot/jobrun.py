@@ -81,7 +81,7 @@ class JobRun:
                 raise  # worker shutdown: leave the entry pending for another worker
             if self.task is not None:
                 self.task.uncancel()
-            final = self.event("final", {"text": turn.final_text if turn else "", "cancelled": True,
+            final = self.event("final", {"text": (turn.partial or turn.final_text) if turn else "", "cancelled": True,
                                          "ok": False, "rounds": turn.rounds if turn else 0})
             await self._save(state, turn)
             outcome = "cancelled"

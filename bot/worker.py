@@ -173,8 +173,9 @@ class Worker:
             await self.queue.complete(delivery, None)  # finished before a crash hid the ack
             return
         await self.signals.wait_turn(job)
-        lock = Lock(self.redis, self.queue.conv_key(job.conversation, "lock"), timeout=self.settings.lock_ttl_s,
-                    sleep=0.05)
+        # A dead worker's lock must lapse by the time its entry is reclaimed, hence the min().
+        ttl = min(self.settings.lock_ttl_s, self.settings.claim_idle_s)
+        lock = Lock(self.redis, self.queue.conv_key(job.conversation, "lock"), timeout=ttl, sleep=0.05)
         assert self.model is not None and self.sandboxes is not None
         async with self.slots:
             await lock.acquire()
