@@ -166,7 +166,11 @@ async def _read_line(prompt: str) -> str | None:
             line: str | None = input(prompt)
         except (EOFError, OSError):
             line = None
-        loop.call_soon_threadsafe(lambda: future.done() or future.set_result(line))
+        def deliver() -> None:
+            if not future.done():
+                future.set_result(line)
+
+        loop.call_soon_threadsafe(deliver)
 
     threading.Thread(target=read, daemon=True).start()
     return await future

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bot.errors import PoisonJob
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 
 JobKind = Literal["message", "stop", "reset"]
 EventType = Literal["status", "delta", "code", "output", "image", "file", "final", "error"]

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import re
 from typing import TYPE_CHECKING
 
 import aiohttp
-from runner.results import ExecutionResult
 
 from bot.errors import InputRejected, JobCancelled
 from bot.jobs import Attachment
 from bot.settings import Settings
 from bot.store import ConversationState
+from runner.results import ExecutionResult
 
 if TYPE_CHECKING:
-    from runner.manager import SandboxManager, SandboxSession
+    from runner.manager import SandboxManager
+    from runner.session import SandboxSession
 
 log = logging.getLogger(__name__)
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")

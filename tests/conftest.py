@@ -114,10 +114,9 @@ async def start_worker(make_settings: Callable[..., Settings], model_server: Any
     and real Docker sandboxes (labelled for this test and removed afterwards)."""
     import asyncio
 
+    from bot.worker import Worker
     from runner.config import SandboxConfig
     from runner.manager import SandboxManager
-
-    from bot.worker import Worker
 
     started: list[tuple[Worker, asyncio.Task[None]]] = []
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from runner.results import ExecutionResult
-
 from bot.agent import prompts
+from runner.results import ExecutionResult
 
 
 def cut_middle(text: str, limit: int) -> str:

@@ -13,14 +13,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from runner.results import ExecutionResult
-
 from bot import metrics
 from bot.agent import prompts
 from bot.agent.code import calls_input, last_python_block
 from bot.agent.feedback import chat_output, model_feedback
 from bot.errors import InputRejected
 from bot.llm.base import ChatMessage, GenerationParams, ModelClient
+from runner.results import ExecutionResult
 
 Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
 DELTA_FLUSH_S = 0.1  # coalesce token deltas into ~10 events/s per reply

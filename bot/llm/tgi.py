@@ -107,4 +107,4 @@ class TGIClient:
                 await aclose()
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._client.close()  # type: ignore[no-untyped-call]

@@ -1,9 +1,8 @@
 from __future__ import annotations
 
-from runner.results import ErrorInfo, ExecutionResult, RichResult
-
 from bot.agent import prompts
 from bot.agent.feedback import chat_output, cut_middle, model_feedback
+from runner.results import ErrorInfo, ExecutionResult, RichResult
 
 
 def test_cut_middle_keeps_head_and_tail() -> None:
