@@ -3,6 +3,17 @@
 The worker calls this library; nothing here knows about chat platforms or queues.
 """
 
+from runner.config import SandboxConfig
+from runner.manager import SandboxManager
 from runner.results import ErrorInfo, ExecutionResult, FileResult, RichResult
+from runner.session import SandboxSession
 
-__all__ = ["ErrorInfo", "ExecutionResult", "FileResult", "RichResult"]
+__all__ = [
+    "ErrorInfo",
+    "ExecutionResult",
+    "FileResult",
+    "RichResult",
+    "SandboxConfig",
+    "SandboxManager",
+    "SandboxSession",
+]

@@ -57,7 +57,7 @@ class ExecutionResult:
     @property
     def images(self) -> list[tuple[str, str]]:
         """(mime, base64) of every image in the rich results, in order."""
-        out = []
+        out: list[tuple[str, str]] = []
         for item in self.results:
             for mime in ("image/png", "image/jpeg"):
                 if mime in item.data:

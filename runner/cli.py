@@ -1,0 +1,121 @@
+"""``codeloop sandbox``: build the sandbox image, list or clean sandbox containers."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import docker
+from docker.errors import APIError, DockerException, NotFound
+
+from bot.errors import SandboxUnavailable
+from runner.config import NAME_LABEL, SESSION_LABEL
+
+HERE = Path(__file__).resolve().parent
+CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem")
+CONTEXT_FILES = ("Dockerfile", "sandbox/supervisor.py", "sandbox/kernel.py", "sandbox/files.py")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    build = sub.add_parser("build", help="build the sandbox image (streams the build output)")
+    build.add_argument("--base", help="base image with Python 3.10+ (default: python:3.12-slim)")
+    build.add_argument("--tag", help="image tag (default: CODELOOP_SANDBOX_IMAGE)")
+    build.add_argument("--no-cache", action="store_true", help="rebuild every layer")
+    sub.add_parser("ls", help="list sandbox containers")
+    clean = sub.add_parser("clean", help="remove sandbox containers (live sessions lose their state)")
+    clean.add_argument("--label", help="only sandboxes with this codeloop.label (e.g. pool)")
+
+
+def _client() -> docker.DockerClient:
+    try:
+        client = docker.from_env()
+        client.ping()
+    except (DockerException, OSError) as exc:
+        hint = "start dockerd or set DOCKER_HOST"
+        raise SandboxUnavailable(f"Docker engine unreachable ({exc}); {hint}") from exc
+    return client
+
+
+def _default_tag() -> str:
+    from bot.settings import Settings
+
+    return Settings.load().sandbox_image
+
+
+def _context(into: Path) -> bool:
+    """Copy the build context into ``into``; True when this host's CA bundle went along."""
+    for name in CONTEXT_FILES:
+        target = into / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(HERE / name, target)
+    (into / "certs").mkdir()
+    # pip inside the build must trust what this host trusts (TLS-intercepting proxies, private CAs).
+    for bundle in CA_BUNDLES:
+        if Path(bundle).is_file():
+            shutil.copy(bundle, into / "certs" / "host-ca.crt")
+            return True
+    return False
+
+
+def build(args: argparse.Namespace) -> int:
+    client = _client()
+    tag = args.tag or _default_tag()
+    buildargs = {"BASE": args.base} if args.base else {}
+    with tempfile.TemporaryDirectory(prefix="codeloop-sandbox-") as tmp:
+        with_ca = _context(Path(tmp))
+        print(f"building {tag} from {args.base or 'python:3.12-slim'}"
+              + (" (with this host's CA bundle for pip)" if with_ca else ""), flush=True)
+        stream = client.api.build(path=tmp, tag=tag, buildargs=buildargs, decode=True, rm=True,
+                                  forcerm=True, nocache=args.no_cache, pull=False)
+        for chunk in stream:
+            if "error" in chunk:
+                print(f"build failed: {chunk['error'].strip()}", file=sys.stderr)
+                return 1
+            text = chunk.get("stream") or chunk.get("status")
+            if text:
+                sys.stdout.write(text if text.endswith("\n") else text + "\n")
+                sys.stdout.flush()
+    print(f"built {tag}")
+    return 0
+
+
+def _sandboxes(client: docker.DockerClient, label: str | None) -> list[Any]:
+    filters = [f"{SESSION_LABEL}=1"] + ([f"{NAME_LABEL}={label}"] if label else [])
+    found: list[Any] = client.containers.list(all=True, filters={"label": filters})
+    return found
+
+
+def ls(args: argparse.Namespace) -> int:
+    rows = [("ID", "NAME", "LABEL", "STATUS", "CREATED")]
+    for c in _sandboxes(_client(), None):
+        created = str(c.attrs.get("Created", ""))[:19].replace("T", " ")
+        rows.append((c.short_id, c.name, c.labels.get(NAME_LABEL, ""), c.status, created))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def clean(args: argparse.Namespace) -> int:
+    removed = 0
+    for c in _sandboxes(_client(), args.label):
+        try:
+            c.remove(force=True)
+            removed += 1
+        except NotFound:
+            pass
+        except APIError as exc:
+            if exc.status_code != 409:  # 409: already being auto-removed
+                raise
+    print(f"removed {removed} sandbox container(s)")
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    actions = {"build": build, "ls": ls, "clean": clean}
+    return actions[args.action](args)

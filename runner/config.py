@@ -1,0 +1,169 @@
+"""Sandbox configuration and the hardening defaults, in one place (documented in docs/SANDBOX.md).
+
+``SandboxConfig`` is plain data so the runner library never parses the environment itself;
+``SandboxConfig.from_settings`` maps the worker's ``Settings`` onto it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from docker.types import LogConfig, Ulimit
+
+if TYPE_CHECKING:
+    from bot.settings import Settings
+
+#: image label checked at start: an image built from an older executor is refused, not half-used
+PROTOCOL = "1"
+SUPERVISOR = ["python", "-u", "/opt/codeloop/supervisor.py"]
+DATA_DIR = "/mnt/data"
+SESSION_LABEL = "codeloop.session"
+NAME_LABEL = "codeloop.label"
+POOL_LABEL = "pool"  # label of a warm container no thread has taken yet
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    image: str = "codeloop-sandbox:latest"
+    runtime: str | None = None  # e.g. "runsc" (gVisor)
+    memory: str = "1g"
+    cpus: float = 1.0
+    pids: int = 128
+    cell_timeout_s: float = 30.0
+    tmp_size: str = "64m"
+    data_size: str = "256m"
+    nofile: int = 256
+    fsize: int = 256 * 1024 * 1024
+    user: str = "10001:10001"
+    idle_ttl_s: float = 1800.0
+    pool_size: int = 2
+    output_chars: int = 20_000
+    max_files: int = 20
+    max_file_bytes: int = 10 * 1024 * 1024
+    #: after an interrupt, how long the cell may take to stop before the kernel is killed
+    interrupt_grace_s: float = 1.0
+    #: container create + start + executor ready
+    start_timeout_s: float = 30.0
+    #: extra labels on every sandbox (e.g. the deployment), on top of the codeloop.* ones
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> SandboxConfig:
+        values: dict[str, Any] = {
+            name: getattr(settings, f"sandbox_{name}")
+            for name in (
+                "image",
+                "runtime",
+                "memory",
+                "cpus",
+                "pids",
+                "cell_timeout_s",
+                "tmp_size",
+                "data_size",
+                "nofile",
+                "fsize",
+                "user",
+                "idle_ttl_s",
+                "pool_size",
+                "output_chars",
+                "max_files",
+                "max_file_bytes",
+            )
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def uid_gid(self) -> tuple[str, str]:
+        uid, _, gid = self.user.partition(":")
+        return uid, gid or uid
+
+    def command(self) -> list[str]:
+        return [
+            *SUPERVISOR,
+            "--idle-ttl",
+            f"{self.idle_ttl_s:g}",
+            "--timeout",
+            f"{self.cell_timeout_s:g}",
+            "--grace",
+            f"{self.interrupt_grace_s:g}",
+            "--output-chars",
+            str(self.output_chars),
+            "--max-files",
+            str(self.max_files),
+            "--max-file-bytes",
+            str(self.max_file_bytes),
+        ]
+
+
+def _tmpfs(size: str, uid: str, gid: str, mode: str) -> str:
+    # noexec is left off /mnt/data and /tmp on purpose: pip-installed wheels and user scripts run
+    # from there, and the real boundaries are the user, the dropped capabilities and the runtime.
+    return f"rw,nosuid,nodev,size={size},uid={uid},gid={gid},mode={mode}"
+
+
+def host_config(api: Any, config: SandboxConfig) -> dict[str, Any]:
+    """The hardened HostConfig of every sandbox container."""
+    uid, gid = config.uid_gid
+    opts: dict[str, Any] = {
+        "network_mode": "none",
+        "read_only": True,
+        "tmpfs": {
+            "/tmp": _tmpfs(config.tmp_size, uid, gid, "1777"),
+            DATA_DIR: _tmpfs(config.data_size, uid, gid, "0755"),
+        },
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "pids_limit": config.pids,
+        "mem_limit": config.memory,
+        "memswap_limit": config.memory,  # equal to the memory limit: no swap
+        "nano_cpus": int(config.cpus * 1e9),
+        "ulimits": [
+            Ulimit(name="nofile", soft=config.nofile, hard=config.nofile),
+            Ulimit(name="fsize", soft=config.fsize, hard=config.fsize),
+        ],
+        "init": True,  # docker-init as PID 1 reaps orphans and cannot be killed from inside
+        "auto_remove": True,  # the executor exits after the idle TTL; the engine then cleans up
+        "log_config": LogConfig(type="none"),  # protocol traffic (uploads, files) never hits disk
+        "ipc_mode": "private",
+    }
+    if config.runtime:
+        opts["runtime"] = config.runtime
+    result: dict[str, Any] = api.create_host_config(**opts)
+    return result
+
+
+def container_spec(api: Any, config: SandboxConfig, label: str) -> dict[str, Any]:
+    """The engine's container config for one sandbox (for ``APIClient.create_container_from_config``)."""
+    spec: dict[str, Any] = api.create_container_config(
+        **{
+            "image": config.image,
+            "command": config.command(),
+            "user": config.user,
+            # Explicit and minimal: nothing of the worker's environment (tokens, URLs) is passed on.
+            "environment": {
+                "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "HOME": "/tmp",
+                "LANG": "C.UTF-8",
+            },
+            "working_dir": DATA_DIR,
+            "hostname": "sandbox",
+            "stdin_open": True,
+            "tty": False,
+            "network_disabled": True,
+            "labels": {**config.labels, SESSION_LABEL: "1", NAME_LABEL: label[:200]},
+            "host_config": host_config(api, config),
+        }
+    )
+    # The SDK sets StdinOnce with stdin_open, which closes stdin (and so ends the executor) when
+    # the first worker detaches; sessions must outlive a worker. Building the config directly also
+    # skips the SDK's injection of the client's proxy settings into the environment.
+    spec["StdinOnce"] = False
+    return spec
+
+
+def slug(label: str) -> str:
+    """A container-name-safe form of a label (container names allow [a-zA-Z0-9_.-])."""
+    return re.sub(r"[^a-zA-Z0-9_.-]+", "-", label).strip("-.")[:40] or "session"

@@ -1,0 +1,234 @@
+"""SandboxManager: creates, pools, reattaches and removes the per-thread sandbox containers.
+
+Docker API calls (create, start, inspect, remove) go through the docker SDK in a thread; the
+per-cell traffic goes over the attach stream (runner/attach.py) and never blocks the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import docker
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+
+from bot.errors import SandboxUnavailable, SessionLost
+from runner.config import POOL_LABEL, PROTOCOL, SESSION_LABEL, SandboxConfig, container_spec, slug
+from runner.session import SandboxSession
+
+log = logging.getLogger(__name__)
+BUILD_HINT = "run `codeloop sandbox build`"
+
+
+def _span(seconds: float) -> str:
+    if seconds >= 120:
+        return f"{seconds / 60:g} minutes"
+    return f"{seconds:g} seconds"
+
+
+class SandboxManager:
+    def __init__(self, config: SandboxConfig, docker_client: docker.DockerClient | None = None) -> None:
+        self.config = config
+        self._client = docker_client
+        self._pool: list[SandboxSession] = []
+        self._sessions: dict[str, SandboxSession] = {}  # attached from this process
+        self._crashed: set[str] = set()  # sessions seen ending without destroy()
+        self._closing: set[str] = set()
+        self._refill = asyncio.Event()
+        self._pool_full = asyncio.Event()
+        self._refill_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            try:
+                self._client = docker.from_env()
+            except DockerException as exc:
+                raise SandboxUnavailable(
+                    f"Docker engine unreachable ({exc}); start dockerd or set DOCKER_HOST"
+                ) from exc
+        return self._client
+
+    @property
+    def pool_ready(self) -> int:
+        """Warm sandboxes waiting for a thread."""
+        return sum(1 for session in self._pool if not session.closed)
+
+    async def wait_pool(self) -> None:
+        """Until the warm pool is full (benchmarks and tests measure the warm path with it)."""
+        if self.config.pool_size > 0:
+            await self._pool_full.wait()
+
+    @property
+    def api(self) -> Any:
+        return self.client.api
+
+    async def start(self) -> None:
+        """Check the engine and the image, then keep the warm pool filled in the background."""
+        try:
+            await asyncio.to_thread(self.client.ping)
+        except (DockerException, OSError) as exc:
+            raise SandboxUnavailable(
+                f"Docker engine unreachable ({exc}); start dockerd or set DOCKER_HOST"
+            ) from exc
+        try:
+            image = await asyncio.to_thread(self.api.inspect_image, self.config.image)
+        except ImageNotFound:
+            raise SandboxUnavailable(f"sandbox image {self.config.image} not found: {BUILD_HINT}") from None
+        except (DockerException, OSError) as exc:
+            raise SandboxUnavailable(f"cannot inspect sandbox image {self.config.image} ({exc})") from exc
+        labels = (image.get("Config") or {}).get("Labels") or {}
+        if labels.get("codeloop.sandbox.protocol") != PROTOCOL:
+            raise SandboxUnavailable(
+                f"sandbox image {self.config.image} was built for another codeloop version: {BUILD_HINT}"
+            )
+        if self.config.pool_size > 0 and self._refill_task is None:
+            self._refill_task = asyncio.create_task(self._refill_loop())
+
+    # --- containers -------------------------------------------------------------------------
+    async def _create(self, label: str) -> SandboxSession:
+        spec = container_spec(self.api, self.config, label)
+        try:
+            created = await asyncio.to_thread(self.api.create_container_from_config, spec, None)
+        except ImageNotFound:
+            raise SandboxUnavailable(f"sandbox image {self.config.image} not found: {BUILD_HINT}") from None
+        except (DockerException, OSError) as exc:
+            raise SandboxUnavailable(f"cannot create a sandbox container ({exc})") from exc
+        cid: str = created["Id"]
+        try:
+            # Attach before start: the executor's "ready" line is sent once, at start.
+            session = await SandboxSession.attach(self.api, cid, self.config, self._on_session_end)
+            await asyncio.to_thread(self.api.start, cid)
+            await session.wait_ready(self.config.start_timeout_s)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.api.remove_container, cid, force=True)
+            raise
+        return session
+
+    def _on_session_end(self, session: SandboxSession) -> None:
+        if session.id in self._closing:
+            return
+        if self._sessions.pop(session.id, None) is not None:
+            self._crashed.add(session.id)
+        if session in self._pool:
+            self._pool.remove(session)
+            self._pool_full.clear()
+            self._refill.set()
+
+    async def _refill_loop(self) -> None:
+        backoff = 0.5
+        while True:
+            while len(self._pool) < self.config.pool_size:
+                try:
+                    self._pool.append(await self._create(POOL_LABEL))
+                    backoff = 0.5
+                except (SandboxUnavailable, SessionLost) as exc:
+                    log.warning("sandbox pool refill failed: %s (retrying in %.1f s)", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
+            self._pool_full.set()
+            self._refill.clear()
+            await self._refill.wait()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _rename(self, session: SandboxSession, label: str) -> None:
+        # Labels are fixed at creation, and a pool container is created before its thread is known;
+        # the name is what `codeloop sandbox ls` can still show for it.
+        with contextlib.suppress(DockerException, OSError):
+            await asyncio.to_thread(self.api.rename, session.id, f"codeloop-{slug(label)}-{session.id[:8]}")
+
+    # --- public API -------------------------------------------------------------------------
+    async def acquire(self, session_id: str | None, label: str) -> tuple[SandboxSession, str | None]:
+        """The thread's session: reattached if still alive, else a fresh one (with a note why)."""
+        note = None
+        if session_id:
+            session = await self._reattach(session_id)
+            if session is not None:
+                return session, None
+            if session_id in self._crashed:
+                note = (
+                    "The previous Python session stopped unexpectedly; variables and files from "
+                    "earlier in this thread are gone."
+                )
+            else:
+                note = (
+                    f"The previous Python session expired after {_span(self.config.idle_ttl_s)} idle; "
+                    "variables and files from earlier in this thread are gone."
+                )
+        while self._pool:
+            session = self._pool.pop(0)
+            self._pool_full.clear()
+            self._refill.set()
+            if not session.closed:
+                self._sessions[session.id] = session
+                self._spawn(self._rename(session, label))
+                return session, note
+        session = await self._create(label)
+        self._sessions[session.id] = session
+        return session, note
+
+    async def _reattach(self, session_id: str) -> SandboxSession | None:
+        local = self._sessions.get(session_id)
+        if local is not None and not local.closed:
+            return local
+        try:
+            info = await asyncio.to_thread(self.api.inspect_container, session_id)
+        except NotFound:
+            return None
+        except (DockerException, OSError) as exc:
+            raise SandboxUnavailable(f"Docker engine unreachable ({exc})") from exc
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        if labels.get(SESSION_LABEL) != "1" or not (info.get("State") or {}).get("Running"):
+            return None  # never attach to a container that is not one of ours
+        try:
+            session = await SandboxSession.attach(self.api, info["Id"], self.config, self._on_session_end)
+            await session.ping()
+        except SessionLost:
+            return None
+        self._sessions[session.id] = session
+        return session
+
+    async def destroy(self, session_id: str) -> None:
+        """Remove the session's container (thread reset or cleanup); idempotent."""
+        self._closing.add(session_id)
+        try:
+            session = self._sessions.pop(session_id, None)
+            if session is not None:
+                await session.detach()
+            try:
+                await asyncio.to_thread(self.api.remove_container, session_id, force=True)
+            except NotFound:
+                pass
+            except APIError as exc:
+                if exc.status_code != 409:  # 409: auto-remove is already removing it
+                    raise
+        finally:
+            self._closing.discard(session_id)
+        self._crashed.discard(session_id)
+
+    async def aclose(self) -> None:
+        """Stop the pool and remove its unused containers; live sessions stay for reattach."""
+        if self._refill_task is not None:
+            self._refill_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refill_task
+            self._refill_task = None
+        pool, self._pool = self._pool, []
+        for session in pool:
+            await self.destroy(session.id)
+        for session in list(self._sessions.values()):
+            self._closing.add(session.id)
+            await session.detach()
+        self._sessions.clear()
+        self._closing.clear()
+        for task in list(self._background):
+            with contextlib.suppress(Exception):
+                await task
