@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from bot.errors import InputRejected, JobCancelled
+from bot.errors import InputRejected, JobCancelled, SessionLost
 from bot.jobs import Attachment
 from bot.settings import Settings
 from bot.store import ConversationState
-from runner.results import ExecutionResult
+from runner.results import ErrorInfo, ExecutionResult
 
 if TYPE_CHECKING:
     from runner.manager import SandboxManager
@@ -57,6 +57,11 @@ class ThreadSandbox:
         self.in_cell = True
         try:
             result = await session.run(code)
+        except SessionLost as exc:
+            # The container died under the cell. Tell the model; the next cell gets a fresh
+            # session (acquire() with the old id explains what was lost).
+            self.session = None
+            result = ExecutionResult(error=ErrorInfo("SessionLost", str(exc), f"SessionLost: {exc}"), restarted=True)
         finally:
             self.in_cell = False
         if self.cancelled.is_set():
