@@ -1,0 +1,229 @@
+"""Discord input -> Jobs: the /code command, messages in our threads, and the two buttons.
+
+Every path checks the cheap things first (allowlists, input limits, the user's free slots: one
+Redis round trip) and then acknowledges the interaction, so Discord's 3 s deadline is met long
+before a thread is created or anything is enqueued. Whatever goes wrong after the ack is told to
+the user in the place they are looking at, and the slot they took is given back.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import discord
+
+from bot.adapters.common import (
+    InputLimits,
+    Upload,
+    check_text,
+    check_upload,
+    is_allowed,
+    parse_control,
+    partition_uploads,
+)
+from bot.adapters.discord import format as fmt
+from bot.adapters.discord.store import DiscordStore
+from bot.adapters.discord.views import running_view
+from bot.errors import InputRejected
+from bot.jobs import Attachment, Conversation, Job, JobKind
+from bot.queue import JobQueue
+from bot.replies import reply_stream
+from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Messageable = discord.abc.Messageable
+
+
+def _attachment(att: discord.Attachment) -> Attachment:
+    return Attachment(name=att.filename, size=att.size, mime=att.content_type or "application/octet-stream",
+                      url=att.url, auth="discord")
+
+
+def _upload(att: discord.Attachment) -> Upload:
+    return Upload(att.filename, att.size, att.content_type or "application/octet-stream")
+
+
+class Intake:
+    def __init__(self, client: discord.Client, settings: Settings, queue: JobQueue,
+                 store: DiscordStore) -> None:
+        self.client = client
+        self.settings = settings
+        self.queue = queue
+        self.store = store
+        self.limits = InputLimits.from_settings(settings)
+        self.reply_stream = reply_stream(settings, "discord")
+
+    # --- checks --------------------------------------------------------------------------------
+    def refusal(self, guild_id: int | None, *channel_ids: int | None) -> str | None:
+        """Why this place may not use the bot, or None. A thread counts as its parent channel."""
+        if guild_id is None:
+            return "codeloop works in server channels, not in direct messages."
+        if not is_allowed(self.settings.discord_allowed_guilds, str(guild_id)):
+            return "codeloop is not enabled on this server."
+        ids = [str(c) for c in channel_ids if c is not None]
+        if not is_allowed(self.settings.discord_allowed_channels, *ids):
+            return "codeloop is not enabled in this channel; ask an admin which channels it works in."
+        return None
+
+    async def _reserve(self, user_id: int, job_id: str) -> str | None:
+        limit = self.settings.discord_user_concurrency
+        if await self.store.reserve(str(user_id), job_id, limit):
+            return None
+        runs = "run" if limit == 1 else "runs"
+        return (f"You already have {limit} {runs} going, the most allowed at once. Wait for one to finish, "
+                "or press its Stop button, then try again.")
+
+    # --- /code ---------------------------------------------------------------------------------
+    async def code(self, interaction: discord.Interaction[Any], prompt: str,
+                   file: discord.Attachment | None) -> None:
+        channel = interaction.channel
+        parent = channel.parent_id if isinstance(channel, discord.Thread) else None
+        problem = self.refusal(interaction.guild_id, interaction.channel_id, parent)
+        try:
+            text = check_text(prompt, self.limits, has_files=file is not None)
+            if file is not None:
+                check_upload(_upload(file), self.limits)
+        except InputRejected as exc:
+            problem = problem or exc.user_message()
+        job_id = uuid.uuid4().hex
+        problem = problem or await self._reserve(interaction.user.id, job_id)
+        if problem:
+            await interaction.response.send_message(problem, ephemeral=True)
+            return
+        await interaction.response.defer(thinking=True)
+        try:
+            head = fmt.header(interaction.user.mention, text, [file.filename] if file else [])
+            conversation, target = await self._thread(interaction, head, text)
+            job = self._job(job_id, str(interaction.id), conversation, interaction.user.id, text,
+                            [_attachment(file)] if file else [])
+            await self._start(job, target)
+        except Exception as exc:
+            await self.store.release(str(interaction.user.id), job_id)
+            log.exception("/code failed to start")
+            await interaction.edit_original_response(content=f"⚠️ Could not start: {exc}")
+
+    async def _thread(self, interaction: discord.Interaction[Any], head: str,
+                      prompt: str) -> tuple[Conversation, Messageable]:
+        """The conversation for this command: the thread it was used in, or a new thread hanging
+        from the command's own reply (so the channel shows who asked what, once)."""
+        channel = interaction.channel
+        guild = str(interaction.guild_id)
+        if isinstance(channel, discord.Thread):
+            await interaction.edit_original_response(content=head)
+            conversation = await self.store.thread(channel.id) or Conversation(
+                platform="discord", workspace=guild, channel=str(channel.parent_id), thread=str(channel.id))
+            await self.store.save_thread(channel.id, conversation)
+            return conversation, channel
+        message = await interaction.edit_original_response(content=head)
+        thread = await message.create_thread(name=fmt.thread_name(prompt), auto_archive_duration=1440)
+        conversation = Conversation(platform="discord", workspace=guild, channel=str(interaction.channel_id),
+                                    thread=str(thread.id))
+        await self.store.save_thread(thread.id, conversation)
+        return conversation, thread
+
+    # --- messages in our threads ---------------------------------------------------------------
+    async def on_message(self, message: discord.Message) -> None:
+        if message.author.bot or message.webhook_id is not None:
+            return  # other bots (and our own replies) never start a job
+        if message.type not in (discord.MessageType.default, discord.MessageType.reply):
+            return
+        conversation = await self.store.thread(message.channel.id)
+        if conversation is None:
+            return  # not a codeloop thread
+        if self.refusal(int(conversation.workspace), int(conversation.channel), message.channel.id):
+            log.info("message in thread %s ignored: no longer allowed", message.channel.id)
+            return
+        kind, text = parse_control(message.content)
+        if kind == "stop":
+            await self._stop(conversation, str(message.id), message.author.id, {})
+            await message.reply("⏹ Stopping the running job.")
+            return
+        accepted, refused = partition_uploads(((a, _upload(a)) for a in message.attachments), self.limits)
+        try:
+            text = text if kind == "reset" else check_text(text, self.limits, has_files=bool(accepted))
+        except InputRejected as exc:
+            if text.strip() or refused:  # an empty message with nothing usable is not worth an answer
+                await message.reply("\n".join([*refused, exc.user_message()] if text.strip() else refused))
+            return
+        if refused:
+            await message.reply("\n".join(refused))
+        job_id = uuid.uuid4().hex
+        busy = await self._reserve(message.author.id, job_id)
+        if busy:
+            await message.reply(busy)
+            return
+        job = self._job(job_id, str(message.id), conversation, message.author.id, text,
+                        [_attachment(a) for a in accepted], kind)
+        try:
+            await self._start(job, message.channel, reference=message)
+        except Exception:
+            await self.store.release(str(message.author.id), job_id)
+            raise
+
+    # --- buttons (views.Controls) --------------------------------------------------------------
+    async def stop(self, interaction: discord.Interaction[Any], job_id: str) -> None:
+        job = await self.store.job(job_id)
+        if job is None:
+            await interaction.response.send_message("That run is too old to stop.", ephemeral=True)
+            return
+        if str(interaction.user.id) != job.user and not interaction.permissions.manage_messages:
+            await interaction.response.send_message(f"Only <@{job.user}> or a moderator can stop this run.",
+                                                    ephemeral=True)
+            return
+        # An ephemeral ack, not an edit: the job's final event edits this message, and an edit of
+        # ours landing after it would overwrite the outcome.
+        await interaction.response.send_message("⏹ Stopping…", ephemeral=True)
+        await self._stop(job.conversation, str(interaction.id), interaction.user.id, job.meta)
+
+    async def rerun(self, interaction: discord.Interaction[Any], job_id: str) -> None:
+        old = await self.store.job(job_id)
+        problem = None if old is not None else "That run is too old to re-run; use /code again."
+        if old is not None:
+            conv = old.conversation
+            problem = self.refusal(int(conv.workspace), int(conv.channel), int(conv.thread))
+        new_id = uuid.uuid4().hex
+        problem = problem or await self._reserve(interaction.user.id, new_id)
+        if problem or old is None:
+            await interaction.response.send_message(problem or "", ephemeral=True)
+            return
+        await interaction.response.defer()  # a silent ack: the button's message stays as it is
+        try:
+            job = self._job(new_id, str(interaction.id), old.conversation, interaction.user.id, old.text,
+                            old.attachments, old.kind)
+            thread = self.client.get_partial_messageable(int(old.conversation.thread),
+                                                         guild_id=int(old.conversation.workspace),
+                                                         type=discord.ChannelType.public_thread)
+            await self._start(job, thread)
+        except Exception as exc:
+            await self.store.release(str(interaction.user.id), new_id)
+            log.exception("re-run failed to start")
+            await interaction.followup.send(f"⚠️ Could not re-run: {exc}", ephemeral=True)
+
+    # --- jobs ----------------------------------------------------------------------------------
+    def _job(self, job_id: str, idem: str, conversation: Conversation, user_id: int, text: str,
+             attachments: list[Attachment], kind: JobKind = "message") -> Job:
+        meta = {"thread_id": conversation.thread, "guild_id": conversation.workspace, "user_id": str(user_id)}
+        return Job(id=job_id, idempotency_key=idem, conversation=conversation, user=str(user_id), text=text,
+                   attachments=attachments, kind=kind, reply_stream=self.reply_stream, meta=meta)
+
+    async def _start(self, job: Job, channel: Messageable, reference: discord.Message | None = None) -> None:
+        """Post the job's status message (with Stop), then enqueue the job pointing at it."""
+        line, view = fmt.status_line("queued"), running_view(job.id)
+        if reference is None:
+            status = await channel.send(line, view=view)
+        else:
+            ref = reference.to_reference(fail_if_not_exists=False)
+            status = await channel.send(line, view=view, reference=ref)
+        job.meta["status_message_id"] = str(status.id)
+        await self.store.save_job(job)
+        result = await self.queue.enqueue(job)
+        if not result.created:  # Discord redelivered an event we already have a job for
+            await self.store.release(job.user, job.id)
+            await status.delete()
+
+    async def _stop(self, conversation: Conversation, idem: str, user_id: int, meta: dict[str, Any]) -> None:
+        await self.queue.enqueue(Job(idempotency_key=idem, conversation=conversation, user=str(user_id),
+                                     kind="stop", reply_stream=self.reply_stream, meta=dict(meta)))

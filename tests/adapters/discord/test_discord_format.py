@@ -1,0 +1,55 @@
+"""Discord's limits, checked exactly on the pure formatting functions."""
+
+from __future__ import annotations
+
+from bot.adapters.discord import format as fmt
+
+
+def test_stream_chunks_close_an_open_fence_within_the_limit():
+    text = "Working:\n```python\n" + "\n".join(f"value_{i} = {i}" for i in range(300))
+    chunks = fmt.stream_chunks(text)
+    assert len(chunks) > 1 and all(len(c) <= fmt.MESSAGE_LIMIT for c in chunks)
+    assert all(c.count("```") % 2 == 0 for c in chunks)
+    assert chunks[-1].endswith("\n```") and chunks[1].startswith("```python\n")
+    assert fmt.stream_chunks("   \n") == []
+
+
+def test_thread_name_is_one_line_of_at_most_100_characters():
+    name = fmt.thread_name("plot\nrevenue   by month " + "x" * 200)
+    assert name.startswith("plot revenue by month x") and len(name) == 100 and name.endswith("…")
+    assert fmt.thread_name("  ") == "codeloop"
+
+
+def test_header_fits_one_message_with_a_long_prompt():
+    head = fmt.header("<@1>", "p" * 5000, ["data.csv"])
+    assert len(head) <= fmt.MESSAGE_LIMIT and head.startswith("<@1>: ppp") and head.endswith("…\n📎 data.csv")
+
+
+def test_output_inline_error_timeout_and_empty():
+    assert fmt.output_message({"text": "", "error": None, "duration_s": 0.01}) == (
+        "**Output** · 0.01 s\n*(no output)*", None)
+    content, upload = fmt.output_message({"text": "x\n```\ny", "error": {"name": "TimeoutError", "value": ""},
+                                          "timed_out": True, "duration_s": 30.0})
+    assert content == "**Output** · `TimeoutError` · timed out · 30.00 s\n```\nx\n`\u200b``\ny\n```"
+    assert upload is None
+
+
+def test_truncated_output_attaches_the_full_text_even_when_short():
+    content, upload = fmt.output_message({"text": "head … tail", "truncated": True, "full_text": "F" * 50})
+    assert upload == fmt.Upload("output.txt", b"F" * 50) and "50 characters, attached" in content
+
+
+def test_batches_respect_count_and_bytes():
+    files = [fmt.Upload(f"f{i}", b"x" * 300) for i in range(25)]
+    batches, notes = fmt.batch_uploads([*files, fmt.Upload("huge", b"x" * 2000)], max_bytes=1000)
+    assert [len(b) for b in batches] == [3] * 8 + [1] and notes == [
+        "`huge` is 2.0 KiB, over Discord's 1000 bytes upload limit; it stays in the session's /mnt/data."]
+    batches, _ = fmt.batch_uploads(files)
+    assert [len(b) for b in batches] == [10, 10, 5]
+
+
+def test_final_and_error_lines():
+    assert fmt.final_line({"rounds": 1, "ok": True}) == "✅ Done · 1 round"
+    assert fmt.final_line({"cancelled": True, "rounds": 2}) == "⏹ Stopped."
+    assert fmt.error_line({"kind": "cancelled", "message": "Stopped."}) == "⏹ Stopped."
+    assert len(fmt.error_line({"kind": "internal", "message": "m" * 3000})) == fmt.MESSAGE_LIMIT
