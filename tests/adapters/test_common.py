@@ -1,0 +1,176 @@
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from bot.adapters.common import (
+    InputLimits,
+    Upload,
+    check_text,
+    check_upload,
+    code_block,
+    is_allowed,
+    parse_control,
+    partition_uploads,
+    split_message,
+    truncate_output,
+)
+from bot.errors import InputRejected
+
+LIMITS = InputLimits(max_chars=100, max_upload_bytes=1000)
+
+
+def test_allowlist_empty_allows_everyone_and_listed_ids_pass():
+    assert is_allowed([], "U1")
+    assert is_allowed(["C1", "C2"], None, "C2")
+    assert not is_allowed(["C1"], "C9", None)
+
+
+def test_check_text_strips_and_rejects_empty_and_long():
+    assert check_text("  hi  ", LIMITS) == "hi"
+    with pytest.raises(InputRejected, match="without a request"):
+        check_text("   ", LIMITS)
+    assert check_text("", LIMITS, has_files=True) == ""
+    with pytest.raises(InputRejected, match="101 characters; the limit is 100"):
+        check_text("x" * 101, LIMITS)
+
+
+def test_uploads_oversize_and_executables_are_refused_with_a_reason():
+    check_upload(Upload("data.csv", 1000, "text/csv"), LIMITS)
+    with pytest.raises(InputRejected, match=r"`big.csv` is 1.0 MiB; files up to 1000 bytes"):
+        check_upload(Upload("big.csv", 1024 * 1024, "text/csv"), LIMITS)
+    with pytest.raises(InputRejected, match="executable"):
+        check_upload(Upload("tool.EXE", 10), LIMITS)
+    with pytest.raises(InputRejected, match="executable"):
+        check_upload(Upload("a.out", 10, "application/x-executable"), LIMITS)
+    ok, refused = partition_uploads(
+        [("a", Upload("a.png", 10, "image/png")), ("b", Upload("b.csv", 5000))], LIMITS
+    )
+    assert ok == ["a"] and len(refused) == 1 and "b.csv" in refused[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [("reset", "reset"), (" Reset. ", "reset"), ("stop", "stop"), ("reset the index of df", "message")],
+)
+def test_control_words(text, kind):
+    assert parse_control(text)[0] == kind
+
+
+def test_code_block_cannot_be_closed_by_backticks_inside():
+    block = code_block('print("```")\n', "python")
+    assert block.startswith("```python\n") and block.endswith("\n```")
+    assert block.count("```") == 2
+
+
+def test_truncate_keeps_head_and_tail_within_limit():
+    text = "".join(f"line {i}\n" for i in range(5000))
+    out = truncate_output(text, 1000, "output.txt")
+    assert out.truncated and len(out.text) <= 1000
+    assert out.text.startswith("line 0\n") and out.text.endswith("line 4999\n")
+    assert "omitted; full output in output.txt" in out.text
+    note = f"\n… {out.omitted:,} characters omitted; full output in output.txt …\n"
+    head, tail = out.text.split(note)
+    assert text.startswith(head) and text.endswith(tail)
+    assert len(head) + out.omitted + len(tail) == len(text)
+    assert truncate_output("short", 1000).truncated is False
+
+
+def _fences_balanced(chunk: str) -> bool:
+    return chunk.count("```") % 2 == 0
+
+
+def test_split_short_text_is_one_chunk():
+    assert split_message("hello", 100) == ["hello"]
+
+
+def test_split_reopens_code_fence_with_its_language():
+    code = "\n".join(f"x{i} = {i}" for i in range(60))
+    text = "Here is the code:\n```python\n" + code + "\n```\nDone."
+    chunks = split_message(text, 200)
+    assert len(chunks) > 2
+    for chunk in chunks:
+        assert len(chunk) <= 200
+        assert _fences_balanced(chunk), chunk
+    assert all(c.startswith("```python\n") for c in chunks[1:-1])
+    # Nothing lost: removing the added fences gives back the original lines.
+    lines = [ln for c in chunks for ln in c.splitlines() if ln not in ("```", "```python")]
+    assert lines == [ln for ln in text.splitlines() if ln not in ("```", "```python")]
+
+
+def test_split_hard_cuts_a_single_huge_line_and_keeps_entities_whole():
+    text = "```\n" + "&amp;" * 200 + "\n```"
+    chunks = split_message(text, 101)
+    for chunk in chunks:
+        assert len(chunk) <= 101 and _fences_balanced(chunk)
+        body = chunk.replace("```", "").replace("\n", "")
+        assert body.replace("&amp;", "") == "", chunk
+
+
+def test_split_random_markdown_never_exceeds_limit_or_unbalances_fences():
+    rng = random.Random(7)
+    for _ in range(200):
+        parts = []
+        for _ in range(rng.randint(1, 30)):
+            choice = rng.random()
+            if choice < 0.2:
+                parts.append(rng.choice(["```", "```python", "```sql"]))
+            else:
+                parts.append("w" * rng.randint(0, 150))
+        text = "\n".join(parts)
+        if text.count("```") % 2:
+            text += "\n```"
+        limit = rng.randint(60, 300)
+        chunks = split_message(text, limit)
+        for chunk in chunks:
+            assert len(chunk) <= limit
+            assert _fences_balanced(chunk), (text, limit, chunk)
+        joined = "".join(c.replace("```python", "").replace("```sql", "").replace("```", "") for c in chunks)
+        assert joined.replace("\n", "") == text.replace("```python", "").replace("```sql", "").replace(
+            "```", "").replace("\n", "")
+
+
+async def test_batcher_enqueues_a_burst_in_one_round_trip_and_keeps_idempotency(redis_client, settings):
+    from bot.adapters.common import EnqueueBatcher
+    from bot.jobs import Conversation, Job
+    from bot.queue import JobQueue
+
+    queue = JobQueue(redis_client, settings)
+    batcher = EnqueueBatcher(queue)
+    sent: list[int] = []
+    real = queue.enqueue_many
+
+    async def counting(jobs):
+        sent.append(len(jobs))
+        return await real(jobs)
+
+    queue.enqueue_many = counting  # type: ignore[method-assign]
+
+    def job(i: int, key: str | None = None) -> Job:
+        return Job(idempotency_key=key or f"ev{i}", user="u", text=str(i), reply_stream="r",
+                   conversation=Conversation(platform="t", channel="c", thread=str(i % 3)))
+
+    results = await asyncio.gather(*(batcher.enqueue(job(i)) for i in range(30)), batcher.enqueue(job(99, "ev0")))
+    assert sent == [31]
+    assert [r.created for r in results] == [True] * 30 + [False]
+    assert results[30].job_id == results[0].job_id
+    # Per-conversation order follows submission order.
+    assert [r.seq for r in results[:9:3]] == [1, 2, 3]
+    assert await redis_client.xlen(settings.key("jobs")) == 30
+
+
+async def test_batcher_passes_redis_failures_to_every_waiter(settings):
+    import redis.asyncio as aioredis
+
+    from bot.adapters.common import EnqueueBatcher
+    from bot.jobs import Conversation, Job
+    from bot.queue import JobQueue
+
+    dead = aioredis.from_url("redis://127.0.0.1:1/0")  # nothing listens on port 1
+    batcher = EnqueueBatcher(JobQueue(dead, settings))
+    jobs = [Job(idempotency_key=f"e{i}", user="u", reply_stream="r",
+                conversation=Conversation(platform="t", channel="c", thread="t")) for i in range(3)]
+    results = await asyncio.gather(*(batcher.enqueue(j) for j in jobs), return_exceptions=True)
+    assert all(isinstance(r, aioredis.ConnectionError | OSError) for r in results), results
