@@ -17,8 +17,10 @@ in one transaction-ordered step, so a redelivered job that already finished is o
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,11 +50,15 @@ return {1, ARGV[1], seq}
 # KEYS: done, stream, reply   ARGV: seq, conv ttl, group, entry id, event json, reply maxlen, turn channel,
 #       conversation key
 _COMPLETE = """
-if ARGV[5] ~= '' then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'event', ARGV[5])
-end
 local done = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tonumber(ARGV[1]) > done then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+-- done >= seq: this job's final is already out (a retried call whose first reply was lost in a
+-- Redis restart, or a duplicate delivery); publishing again would show the user two answers.
+if tonumber(ARGV[1]) > done then
+  if ARGV[5] ~= '' then
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'event', ARGV[5])
+  end
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
 redis.call('PUBLISH', ARGV[7], ARGV[8])
 return redis.call('XACK', KEYS[2], ARGV[3], ARGV[4])
 """
@@ -67,13 +73,16 @@ class EnqueueResult:
 
 @dataclass
 class Delivery:
-    """One stream entry handed to this worker. ``job`` is None for poison entries."""
+    """One stream entry handed to this worker. ``job`` is None for poison entries; ``envelope``
+    then holds what could still be read of it (conversation, seq, reply stream), so the user
+    can be told and the conversation's later jobs are not left waiting for its turn forever."""
 
     entry_id: str
     fields: dict[str, str]
     job: Job | None
     deliveries: int = 1
     error: str | None = None
+    envelope: Job | None = None
 
 
 class JobQueue:
@@ -177,7 +186,7 @@ class JobQueue:
 
     async def complete(self, delivery: Delivery, final: Event | None) -> None:
         """Publish the terminal event, advance the conversation, and ack — in one script."""
-        job = delivery.job
+        job = delivery.job or delivery.envelope
         assert job is not None
         await self._complete(
             keys=[self.conv_key(job.conversation, "done"), self.stream, job.reply_stream],
@@ -196,7 +205,7 @@ class JobQueue:
                                   "deliveries": delivery.deliveries, "dead_at": time.time()}
         await self.redis.xadd(self.dead_stream, {k: str(v) for k, v in record.items()},
                               maxlen=self.settings.stream_maxlen, approximate=True)
-        if delivery.job is not None:
+        if delivery.job is not None or delivery.envelope is not None:
             await self.complete(delivery, final)
         else:
             await self.redis.xack(self.stream, GROUP, delivery.entry_id)
@@ -230,5 +239,23 @@ class JobQueue:
             if job.seq < 1:
                 raise PoisonJob("entry has no valid 'seq' (not enqueued through JobQueue.enqueue)")
         except (PoisonJob, ValueError) as exc:
-            return Delivery(eid, fields, None, deliveries, error=str(exc))
+            return Delivery(eid, fields, None, deliveries, error=str(exc), envelope=_envelope(fields))
         return Delivery(eid, fields, job, deliveries)
+
+
+def _envelope(fields: dict[str, str]) -> Job | None:
+    """The routing part of an entry that is not a valid Job (a newer schema from an adapter that
+    was upgraded first, text Python's json accepts but pydantic refuses), or None if even that is
+    unreadable. Only entries with a seq from ``enqueue`` count: they hold a place in their thread."""
+    try:
+        raw = json.loads(fields.get("job", ""))
+        seq = int(fields.get("seq", "0"))
+        if not isinstance(raw, dict) or seq < 1:
+            return None
+        meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
+        return Job.model_construct(id=str(raw.get("id") or uuid.uuid4().hex), seq=seq, meta=meta,
+                                   conversation=Conversation.model_validate(raw["conversation"]),
+                                   reply_stream=str(raw["reply_stream"]), user=str(raw.get("user", "")),
+                                   idempotency_key=str(raw.get("idempotency_key", "")))
+    except (ValueError, KeyError, TypeError):
+        return None

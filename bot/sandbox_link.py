@@ -104,6 +104,10 @@ class ThreadSandbox:
         async with http.get(att.url, headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as resp:
             if resp.status != 200:
                 raise InputRejected(f"{att.name}: could not download the upload (HTTP {resp.status})")
+            if resp.content_type == "text/html" and "html" not in att.mime:
+                # Slack answers a bad token with its login page and status 200; that is not the user's file.
+                raise InputRejected(f"{att.name}: the platform returned a web page instead of the file "
+                                    "(is the bot token allowed to read files? scope files:read)")
             chunks, total = [], 0
             async for chunk in resp.content.iter_chunked(1 << 16):
                 total += len(chunk)

@@ -20,4 +20,5 @@ def make_client(settings: Settings) -> ModelClient:
         return TGIClient.from_settings(settings)
     from bot.llm.local import LocalModelClient
 
-    return LocalModelClient.from_settings(settings)
+    client: ModelClient = LocalModelClient.from_settings(settings)
+    return client

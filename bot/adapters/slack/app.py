@@ -1,0 +1,159 @@
+"""The bolt app: Slack requests in, Jobs onto the queue, an ack back — nothing slower.
+
+``process_before_response=True`` makes bolt ack only after a listener returns, and a listener
+returns right after the job is on the Redis stream: an acked event is never lost, and a failure
+to enqueue leaves Slack to retry. Everything that talks to Slack (status message, notices) runs in
+background tasks after the ack. Retries carry the same ``event_id``, which the queue deduplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+    AsyncServerErrorRetryHandler,
+)
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.adapters.common import EnqueueBatcher, is_allowed
+from bot.adapters.slack.inbound import (
+    RESET_SHORTCUT,
+    STOP_ACTION,
+    Inbound,
+    is_dm,
+    reset_job,
+    stop_job,
+    translate,
+)
+from bot.adapters.slack.render import SlackRenderer
+from bot.jobs import Job
+from bot.queue import EnqueueResult, JobQueue
+from bot.replies import reply_stream
+from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+EVENTS_PATH = "/slack/events"
+
+
+def make_client(settings: Settings) -> AsyncWebClient:
+    """The Web API client: base URL from settings; 429s wait for Retry-After, blips are retried."""
+    settings.require("slack_bot_token")
+    assert settings.slack_bot_token is not None
+    return AsyncWebClient(
+        token=settings.slack_bot_token.get_secret_value(),
+        base_url=settings.slack_api_url,
+        retry_handlers=[
+            AsyncConnectionErrorRetryHandler(max_retry_count=2),
+            AsyncRateLimitErrorRetryHandler(max_retry_count=5),
+            AsyncServerErrorRetryHandler(max_retry_count=2),
+        ],
+    )
+
+
+class SlackAdapter:
+    def __init__(self, settings: Settings, redis: aioredis.Redis[Any], client: AsyncWebClient | None = None,
+                 *, edit_interval: float = 1.0) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.client = client or make_client(settings)
+        self.queue = JobQueue(redis, settings)
+        self.batcher = EnqueueBatcher(self.queue)
+        self.reply_stream = reply_stream(settings, "slack")
+        self.renderer = SlackRenderer(self.client, redis, settings, edit_interval=edit_interval)
+        secret = settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else None
+        self.app = AsyncApp(
+            client=self.client,
+            signing_secret=secret,
+            # Socket Mode messages are authenticated by the app-level token, not signed.
+            request_verification_enabled=settings.slack_mode == "http",
+            process_before_response=True,
+            name="codeloop",
+        )
+        self.app.event("app_mention")(self.on_event)
+        self.app.event("message")(self.on_event)
+        self.app.action(STOP_ACTION)(self.on_stop)
+        self.app.shortcut(RESET_SHORTCUT)(self.on_reset)
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # --- listeners (all return within a Redis round trip or two) ----------------------------------
+    async def on_event(self, body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext) -> None:
+        team = str(body.get("team_id") or context.team_id or "")
+        event_id = str(body.get("event_id") or f"{event.get('channel')}:{event.get('ts')}")
+        joined = False
+        if event.get("type") == "message" and event.get("thread_ts") and not is_dm(event):
+            thread_key = self._thread_key(team, event["channel"], event["thread_ts"])
+            joined = bool(await self.redis.exists(thread_key))
+        inbound = translate(event, event_id=event_id, team_id=team, bot_user_id=context.bot_user_id,
+                            settings=self.settings, reply_stream=self.reply_stream, joined=joined)
+        if inbound is None:
+            return
+        result = await self._submit(inbound.job) if inbound.job is not None else None
+        if inbound.job is not None and result is not None and result.created:
+            if inbound.where.thread_ts is not None and not is_dm(event):
+                # Follow-ups in this thread now reach us without a mention. After the ack: a person
+                # takes seconds to reply, and the ack path stays one Redis round trip.
+                key = self._thread_key(team, inbound.where.channel, inbound.where.thread_ts)
+                self.spawn(self.redis.set(key, 1, ex=self.settings.conversation_ttl_s))
+            if inbound.job.kind == "message":
+                self.renderer.start_job(inbound.job.model_copy(update={"id": result.job_id}), inbound.where)
+        await self._notices(inbound, event_id, result)
+
+    async def on_stop(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        job = stop_job(body, self.reply_stream)
+        if job is not None and is_allowed(self.settings.slack_allowed_users, job.user):
+            await self._submit(job)
+        await ack()
+
+    async def on_reset(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        found = reset_job(body, self.reply_stream)
+        if found is not None and is_allowed(self.settings.slack_allowed_users, found[0].user):
+            await self._submit(found[0])
+        await ack()
+
+    # --- helpers --------------------------------------------------------------------------------------
+    async def _submit(self, job: Job) -> EnqueueResult:
+        result = await self.batcher.enqueue(job)
+        log.info("slack %s job %s for %s (%s)", job.kind, result.job_id, job.conversation.key,
+                 "new" if result.created else "duplicate")
+        return result
+
+    async def _notices(self, inbound: Inbound, event_id: str, result: EnqueueResult | None) -> None:
+        if not inbound.notices or (result is not None and not result.created):
+            return
+        if result is None:
+            # No job to deduplicate on: a retried delivery must not repeat the refusal.
+            key = self.settings.key("slack", "notice", event_id)
+            if not await self.redis.set(key, 1, nx=True, ex=self.settings.idempotency_ttl_s):
+                return
+        self.spawn(self.renderer.notify(inbound.where, inbound.user, inbound.notices, inbound.ephemeral))
+
+    def _thread_key(self, team: str, channel: str, thread_ts: str) -> str:
+        return self.settings.key("slack", "thread", team or "-", channel, thread_ts)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run after the ack; keep a reference so the task is not garbage-collected mid-flight."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def web_app(self) -> web.Application:
+        """The HTTP Events API endpoint (bolt verifies signatures: bad or stale → 401) + /healthz."""
+        app = self.app.web_app(path=EVENTS_PATH, port=self.settings.slack_http_port)
+        app.router.add_get("/healthz", _healthz)
+        return app
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.renderer.close()
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok")

@@ -1,0 +1,114 @@
+"""``codeloop slack``: run the Slack bot in Socket Mode (default) or as an HTTP Events API endpoint.
+
+Both modes also render replies: a ReplyReader on the ``slack`` reply stream feeds the renderer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from bot.adapters.slack.app import EVENTS_PATH, SlackAdapter
+from bot.errors import ConfigError
+from bot.replies import ReplyReader
+from bot.settings import Settings
+
+log = logging.getLogger("codeloop.slack")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=["socket", "http"], help="override CODELOOP_SLACK_MODE")
+    parser.add_argument("--host", help="HTTP mode: listen address (CODELOOP_SLACK_HTTP_HOST)")
+    parser.add_argument("--port", type=int, help="HTTP mode: listen port (CODELOOP_SLACK_HTTP_PORT)")
+
+
+def main(args: argparse.Namespace) -> int:
+    overrides: dict[str, object] = {}
+    if args.mode:
+        overrides["slack_mode"] = args.mode
+    if args.host:
+        overrides["slack_http_host"] = args.host
+    if args.port:
+        overrides["slack_http_port"] = args.port
+    settings = Settings.load(**overrides)
+    check(settings)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(settings))
+    return 0
+
+
+def check(settings: Settings) -> None:
+    """Fail at start with every missing secret named, not at the first event."""
+    needed = ["slack_bot_token"]
+    needed.append("slack_signing_secret" if settings.slack_mode == "http" else "slack_app_token")
+    settings.require(*needed)
+    app_token = settings.slack_app_token.get_secret_value() if settings.slack_app_token else ""
+    if settings.slack_mode == "socket" and not app_token.startswith("xapp-"):
+        raise ConfigError("CODELOOP_SLACK_APP_TOKEN must be an app-level token (xapp-…) "
+                          "with the connections:write scope")
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run until ``stop`` is set (or SIGINT/SIGTERM)."""
+    stop = stop or _stop_on_signals()
+    # A burst of events (each listener holds a connection for its enqueue) must wait for a free
+    # connection, not fail: the default pool raises "Too many connections" past 100.
+    pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=64, timeout=10)
+    redis = aioredis.Redis(connection_pool=pool)
+    try:
+        # Open connections now: making one costs ~1 ms of CPU, which would land on the first burst's acks.
+        await asyncio.gather(*(redis.ping() for _ in range(16)))
+    except (OSError, aioredis.ConnectionError) as exc:
+        raise ConfigError(f"Redis is not reachable at {settings.redis_url} ({exc})") from None
+    adapter = SlackAdapter(settings, redis)
+    reader = ReplyReader(redis, settings, "slack")
+    rendering = asyncio.create_task(reader.run(adapter.renderer.handle, stop), name="slack-replies")
+    try:
+        if settings.slack_mode == "socket":
+            await _socket_mode(adapter, settings, stop)
+        else:
+            await _http_mode(adapter, settings, stop)
+    finally:
+        stop.set()
+        await rendering
+        await adapter.close()
+        await redis.aclose()
+
+
+async def _socket_mode(adapter: SlackAdapter, settings: Settings, stop: asyncio.Event) -> None:
+    from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+
+    assert settings.slack_app_token is not None
+    handler = AsyncSocketModeHandler(adapter.app, settings.slack_app_token.get_secret_value())
+    await handler.connect_async()  # type: ignore[no-untyped-call]
+    log.info("connected to Slack in Socket Mode")
+    try:
+        await stop.wait()
+    finally:
+        await handler.close_async()  # type: ignore[no-untyped-call]
+
+
+async def _http_mode(adapter: SlackAdapter, settings: Settings, stop: asyncio.Event) -> None:
+    runner = web.AppRunner(adapter.web_app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.slack_http_host, settings.slack_http_port)
+    await site.start()
+    log.info("listening for Slack events on http://%s:%d%s", settings.slack_http_host,
+             settings.slack_http_port, EVENTS_PATH)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

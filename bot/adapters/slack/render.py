@@ -1,0 +1,230 @@
+"""Events → Slack messages. One small actor (task + inbox) per running job.
+
+``ReplyReader`` hands events over one at a time for every job; a slow Slack call (a 429 that
+sleeps for Retry-After) must not hold up other threads, so ``handle`` only drops the event into
+the job's inbox. The job's actor applies events in order and flushes the text at most once per
+``edit_interval`` (Slack allows about one edit per second per message), immediately before an
+upload and at the end.
+
+Each job shows: a status message (posted right after enqueue, with a Stop button; it ends as the
+final status line), the streamed reply below it, uploads in between, and a reaction on the
+user's message (white_check_mark / x).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiohttp import ClientError
+from slack_sdk.errors import SlackApiError, SlackRequestError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.adapters.slack.inbound import STOP_ACTION, Where, where_from_meta
+from bot.adapters.slack.transcript import Attach, Transcript, escape
+from bot.jobs import Conversation, Event, Job
+from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+SLACK_ERRORS = (SlackApiError, SlackRequestError, ClientError, asyncio.TimeoutError)
+
+
+@dataclass
+class View:
+    job_id: str
+    where: Where
+    conversation: Conversation
+    transcript: Transcript = field(default_factory=Transcript)
+    inbox: asyncio.Queue[Job | Event] = field(default_factory=asyncio.Queue)
+    status_ts: str | None = None
+    status_shown: str = ""
+    dirty: bool = False
+    last_flush: float = 0.0
+    task: asyncio.Task[None] | None = None
+
+
+def status_blocks(text: str, conversation: Conversation | None) -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]
+    if conversation is not None:
+        blocks.append({"type": "actions", "elements": [{
+            "type": "button", "action_id": STOP_ACTION, "style": "danger",
+            "text": {"type": "plain_text", "text": "Stop"}, "value": conversation.model_dump_json()}]})
+    return blocks
+
+
+class SlackRenderer:
+    def __init__(self, client: AsyncWebClient, redis: aioredis.Redis[Any], settings: Settings, *,
+                 edit_interval: float = 1.0, idle_timeout: float = 3600.0, api_concurrency: int = 8) -> None:
+        self.client = client
+        self.redis = redis
+        self.settings = settings
+        self.edit_interval = edit_interval
+        self.idle_timeout = idle_timeout
+        self.views: dict[str, View] = {}
+        # Slack would rate-limit a burst anyway; a few calls in flight keep a burst of renders from
+        # crowding out the acks that share this event loop.
+        self._in_flight = asyncio.Semaphore(api_concurrency)
+
+    # --- entry points -----------------------------------------------------------------------------
+    def start_job(self, job: Job, where: Where) -> None:
+        """Post the status message (with Stop) for a job just enqueued; events queue up behind it."""
+        self._view(job.id, where, job.conversation).inbox.put_nowait(job)
+
+    async def handle(self, event: Event) -> None:
+        """ReplyReader handler: never blocks on Slack."""
+        view = self._view(event.job_id, where_from_meta(event.meta, event.conversation), event.conversation)
+        view.inbox.put_nowait(event)
+
+    async def notify(self, where: Where, user: str, texts: list[str], ephemeral: bool = False) -> None:
+        for text in texts:
+            if ephemeral:
+                await self._call("chat_postEphemeral", channel=where.channel, user=user, text=text,
+                                 thread_ts=where.thread_ts)
+            else:
+                await self._call("chat_postMessage", channel=where.channel, thread_ts=where.thread_ts,
+                                 text=text)
+
+    async def close(self) -> None:
+        tasks = [v.task for v in self.views.values() if v.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- the per-job actor --------------------------------------------------------------------------
+    def _view(self, job_id: str, where: Where, conversation: Conversation) -> View:
+        view = self.views.get(job_id)
+        if view is None:
+            view = self.views[job_id] = View(job_id, where, conversation)
+            view.task = asyncio.create_task(self._run(view), name=f"slack-render-{job_id}")
+        return view
+
+    async def _run(self, view: View) -> None:
+        try:
+            started = False
+            while True:
+                wait = self.idle_timeout
+                if view.dirty:
+                    wait = max(0.0, view.last_flush + self.edit_interval - time.monotonic())
+                try:
+                    item = await asyncio.wait_for(view.inbox.get(), wait)
+                except TimeoutError:
+                    if not view.dirty:
+                        log.warning("job %s went quiet without a final event; dropping its view", view.job_id)
+                        return
+                    await self._flush(view)
+                    continue
+                if isinstance(item, Job):
+                    await self._post_status(view)
+                    started = True
+                    continue
+                if not started:
+                    started = True
+                    view.status_ts = await self._stored_status(view.job_id)
+                if await self._apply(view, item):
+                    return
+        except Exception:
+            log.exception("rendering job %s failed", view.job_id)
+        finally:
+            self.views.pop(view.job_id, None)
+
+    async def _apply(self, view: View, event: Event) -> bool:
+        """Fold one event in; True when the job is over."""
+        attach = view.transcript.apply(event)
+        view.dirty = True
+        if attach is not None:
+            await self._flush(view)
+            await self._upload(view, attach)
+            view.transcript.seal()
+        if event.terminal:
+            await self._flush(view)
+            await self._finish(view, event)
+            return True
+        if time.monotonic() - view.last_flush >= self.edit_interval:
+            await self._flush(view)
+        return False
+
+    # --- Slack calls --------------------------------------------------------------------------------
+    async def _call(self, method: str, **kwargs: Any) -> dict[str, Any] | None:
+        """One Web API call; failures are logged, never raised, so one bad call can't end a reply.
+        (429s never get here: the client's RateLimitErrorRetryHandler waits and retries them.)"""
+        try:
+            async with self._in_flight:
+                response = await getattr(self.client, method)(**kwargs)
+        except SLACK_ERRORS as exc:
+            log.warning("slack %s failed: %s", method, exc)
+            return None
+        return dict(response.data) if isinstance(response.data, dict) else {}
+
+    async def _post_status(self, view: View) -> None:
+        text = ":hourglass_flowing_sand: Working on it…"
+        resp = await self._call("chat_postMessage", channel=view.where.channel,
+                                thread_ts=view.where.thread_ts, text=text,
+                                blocks=status_blocks(text, view.conversation))
+        if resp and resp.get("ts"):
+            view.status_ts, view.status_shown = str(resp["ts"]), text
+            # Another adapter replica (or this one after a restart) may render the rest of the job.
+            await self.redis.set(self._status_key(view.job_id), view.status_ts,
+                                 ex=self.settings.idempotency_ttl_s)
+
+    async def _stored_status(self, job_id: str) -> str | None:
+        raw = await self.redis.get(self._status_key(job_id))
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    def _status_key(self, job_id: str) -> str:
+        return self.settings.key("slack", "status", job_id)
+
+    async def _flush(self, view: View) -> None:
+        view.dirty = False
+        view.last_flush = time.monotonic()
+        channel, thread = view.where.channel, view.where.thread_ts
+        for section in view.transcript.sections:
+            chunks = section.chunks()
+            for i, chunk in enumerate(chunks):
+                if i < len(section.sent):
+                    ts, shown = section.sent[i]
+                    if shown != chunk and await self._call("chat_update", channel=channel, ts=ts, text=chunk):
+                        section.sent[i] = (ts, chunk)
+                    continue
+                resp = await self._call("chat_postMessage", channel=channel, thread_ts=thread, text=chunk,
+                                        unfurl_links=False, unfurl_media=False)
+                if not resp or "ts" not in resp:
+                    break  # try again at the next flush rather than posting out of order
+                section.sent.append((str(resp["ts"]), chunk))
+            for ts, _ in section.sent[len(chunks):]:
+                await self._call("chat_delete", channel=channel, ts=ts)
+            del section.sent[len(chunks):]
+        status = view.transcript.status
+        if status and view.status_ts and status != view.status_shown:
+            text = f":hourglass_flowing_sand: {escape(status)}"
+            if await self._call("chat_update", channel=channel, ts=view.status_ts, text=text,
+                                blocks=status_blocks(text, view.conversation)):
+                view.status_shown = status
+
+    async def _upload(self, view: View, attach: Attach) -> None:
+        await self._call("files_upload_v2", channel=view.where.channel, thread_ts=view.where.thread_ts,
+                         file=attach.data, filename=attach.name, title=attach.name,
+                         initial_comment=attach.comment)
+
+    async def _finish(self, view: View, event: Event) -> None:
+        p = event.payload
+        if event.type == "error":
+            line, reaction = f":x: {escape(str(p.get('message') or 'Failed.'))}", "x"
+        elif p.get("cancelled"):
+            line, reaction = ":black_square_for_stop: Stopped.", "black_square_for_stop"
+        elif p.get("ok", True):
+            rounds = p.get("rounds")
+            line = ":white_check_mark: Done" + (f" ({rounds} round{'s' if rounds != 1 else ''})"
+                                                if isinstance(rounds, int) else "")
+            reaction = "white_check_mark"
+        else:
+            line, reaction = ":x: Finished, but the code still fails.", "x"
+        if view.status_ts:
+            await self._call("chat_update", channel=view.where.channel, ts=view.status_ts, text=line,
+                             blocks=status_blocks(line, None))
+        if view.where.message_ts:
+            await self._call("reactions_add", channel=view.where.channel, timestamp=view.where.message_ts,
+                             name=reaction)

@@ -1,0 +1,181 @@
+"""``codeloop bench ack``: how fast the Slack adapter acks under a burst of signed events.
+
+The adapter runs as it does in production (``codeloop slack`` in HTTP mode, in its own process,
+real Redis); this process plays Slack: it signs N distinct ``app_mention`` events and sends them
+all at once over loopback, timing each request until its 200, and serves a minimal Web API for
+the adapter's own calls (auth.test, status messages). Optionally every event is also delivered
+again with ``X-Slack-Retry-Num`` to show retries make no extra jobs. Prints one JSON object per
+line: the latency figures, then the number of jobs on the stream (must equal the events).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import json
+import multiprocessing
+import secrets
+import socket
+import statistics
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from bot.settings import Settings
+
+TARGET_P99_MS = 50.0
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--events", type=int, default=100, help="concurrent distinct events (default 100)")
+    parser.add_argument("--retries", type=int, default=0, help="extra deliveries of each event, as Slack retries")
+    parser.add_argument("--rounds", type=int, default=3, help="bursts to send; figures are over all of them")
+    parser.add_argument("--gap-s", type=float, default=1.0,
+                        help="pause between bursts, so one burst's status messages don't overlap the next")
+    parser.add_argument("--redis-url", help="Redis to use (default CODELOOP_REDIS_URL)")
+
+
+def main(args: argparse.Namespace) -> int:
+    return asyncio.run(_bench(args))
+
+
+async def _bench(args: argparse.Namespace) -> int:
+    api = await _start_web_api()
+    port = _free_port()
+    secret = secrets.token_hex(16)
+    prefix = f"bench-ack-{uuid.uuid4().hex[:8]}"
+    overrides: dict[str, Any] = {
+        "key_prefix": prefix, "slack_mode": "http", "slack_bot_token": "xoxb-bench", "slack_signing_secret": secret,
+        "slack_api_url": api[1], "slack_http_host": "127.0.0.1", "slack_http_port": port, "log_level": "WARNING",
+    }
+    if args.redis_url:
+        overrides["redis_url"] = args.redis_url
+    settings = Settings.load(**overrides)
+    child = multiprocessing.get_context("spawn").Process(target=_serve, args=(overrides,), daemon=True)
+    child.start()
+    redis = aioredis.from_url(settings.redis_url)
+    url = f"http://127.0.0.1:{port}/slack/events"
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+            await _wait_ready(http, f"http://127.0.0.1:{port}/healthz", child)
+            # One event first: bolt's auth.test and the first Redis connections are start-up cost.
+            await _deliver(http, url, secret, [_event(0, 0)], retry=0)
+            latencies: list[float] = []
+            for r in range(1, args.rounds + 1):
+                bodies = [_event(r, i) for i in range(args.events)]
+                for retry in range(args.retries + 1):
+                    await asyncio.sleep(args.gap_s)
+                    burst = await _deliver(http, url, secret, bodies, retry)
+                    print(json.dumps({"bench": "ack", "figure": "burst", "round": r, "retry": retry,
+                                      "p50": round(statistics.median(burst), 2), "max": round(max(burst), 2)}))
+                    latencies += burst
+        await asyncio.sleep(0.2)
+        jobs = await redis.xlen(settings.key("jobs")) - 1  # minus the warm-up event
+        expected = args.events * args.rounds
+        lat = sorted(latencies)
+        p99 = lat[max(0, int(len(lat) * 0.99) - 1)]
+        print(json.dumps({"bench": "ack", "figure": "ack_ms", "deliveries": len(lat), "concurrency": args.events,
+                          "p50": round(statistics.median(lat), 2), "p99": round(p99, 2), "max": round(lat[-1], 2),
+                          "target_p99": TARGET_P99_MS, "within_target": p99 <= TARGET_P99_MS}))
+        print(json.dumps({"bench": "ack", "figure": "jobs", "events": expected,
+                          "deliveries": expected * (args.retries + 1), "jobs": jobs, "ok": jobs == expected}))
+        return 0 if jobs == expected else 1
+    finally:
+        child.terminate()
+        child.join(10)
+        keys = [k async for k in redis.scan_iter(match=f"{prefix}:*", count=1000)]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
+        await api[0].cleanup()
+
+
+def _serve(overrides: dict[str, Any]) -> None:
+    """The adapter process: exactly what ``codeloop slack --mode http`` runs."""
+    from bot.adapters.slack.cli import serve
+
+    asyncio.run(serve(Settings.load(**overrides)))
+
+
+def _event(round_: int, i: int) -> str:
+    ts = f"{int(time.time())}.{round_:02d}{i:04d}"
+    return json.dumps({
+        "token": "legacy", "team_id": "TBENCH", "api_app_id": "ABENCH", "type": "event_callback",
+        "event_id": f"EvBench{round_}x{i}", "event_time": int(time.time()),
+        "event": {"type": "app_mention", "user": "UBENCH", "text": f"<@UBOT> print({i})", "channel": f"C{i:05d}",
+                  "ts": ts, "event_ts": ts},
+    })
+
+
+async def _deliver(http: aiohttp.ClientSession, url: str, secret: str, bodies: list[str], retry: int) -> list[float]:
+    """Send all bodies at once; milliseconds from send to 200 for each."""
+    ts = str(int(time.time()))
+
+    def headers(body: str) -> dict[str, str]:
+        sig = hmac.new(secret.encode(), f"v0:{ts}:{body}".encode(), hashlib.sha256).hexdigest()
+        h = {"Content-Type": "application/json", "X-Slack-Request-Timestamp": ts, "X-Slack-Signature": f"v0={sig}"}
+        if retry:
+            h.update({"X-Slack-Retry-Num": str(retry), "X-Slack-Retry-Reason": "http_timeout"})
+        return h
+
+    prepared = [(b, headers(b)) for b in bodies]
+    gate = asyncio.Event()
+
+    async def one(body: str, hdrs: dict[str, str]) -> float:
+        await gate.wait()
+        start = time.perf_counter()
+        async with http.post(url, data=body, headers=hdrs) as resp:
+            await resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"adapter answered {resp.status}")
+        return (time.perf_counter() - start) * 1000
+
+    tasks = [asyncio.create_task(one(b, h)) for b, h in prepared]
+    await asyncio.sleep(0)
+    gate.set()
+    return list(await asyncio.gather(*tasks))
+
+
+async def _start_web_api() -> tuple[web.AppRunner, str]:
+    """Just enough Slack Web API for the adapter: every method succeeds."""
+    async def handle(request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        if method == "auth.test":
+            return web.json_response({"ok": True, "user_id": "UBOT", "bot_id": "BBOT", "team_id": "TBENCH"})
+        return web.json_response({"ok": True, "ts": f"{time.time():.6f}", "channel": "C"})
+
+    app = web.Application()
+    app.router.add_post("/api/{method}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}/api/"
+
+
+async def _wait_ready(http: aiohttp.ClientSession, url: str, child: Any) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if not child.is_alive():
+            raise RuntimeError("the adapter process exited during start-up")
+        try:
+            async with http.get(url) as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the adapter did not start within 30 s")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,107 @@
+"""Slack end to end: signed Events API requests → adapter → Redis → real worker → scripted model →
+Docker sandbox → reply events → the adapter's rendering at the fake Slack Web API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.adapters.slack.conftest import CHANNEL, event_body, mention, message
+
+pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+PLOT = """I'll define x and plot a line.
+```python
+import matplotlib.pyplot as plt
+x = 21
+plt.plot([1, 2, 3], [x, x + 1, x + 2])
+print("x is", x)
+```"""
+PLOT_DONE = "x is 21 and the plot is above."
+DOUBLE = """Doubling the x from before:
+```python
+print("doubled", x * 2)
+```"""
+DOUBLE_DONE = "x doubled is 42."
+
+
+def done(fake: Any, ts: str) -> Any:
+    return [r for r in fake.reactions if r[1] == ts]
+
+
+async def test_mention_streams_code_output_and_plot_then_follow_up_reuses_the_session(
+        make_rig, start_worker, model_server):
+    model_server.script = [PLOT, PLOT_DONE, DOUBLE, DOUBLE_DONE]
+    model_server.chunk_delay_s = 0.03  # stream over about a second, so edits are visible
+    rig = await make_rig(edit_interval=0.2)
+    await start_worker(slack_bot_token=rig.fake.token)
+    fake = rig.fake
+
+    first = mention("<@UBOT> define x = 21 and plot a line")
+    body = event_body(first, "EvFirst")
+    assert (await rig.post_event(body)).status == 200
+    # Slack retries a delivery it thinks was slow: same event id, no second job or reply.
+    assert (await rig.post_event(body, headers={"X-Slack-Retry-Num": "1",
+                                                "X-Slack-Retry-Reason": "http_timeout"})).status == 200
+    await fake.wait_for(lambda: done(fake, first["ts"]), within=120)
+
+    thread = fake.thread(CHANNEL, first["ts"])
+    status, texts = thread[0], [m["text"] for m in thread[1:]]
+    assert status["text"].startswith(":white_check_mark: Done")
+    joined = "\n".join(texts)
+    assert "I'll define x and plot a line." in joined
+    assert '```python\nimport matplotlib.pyplot as plt\nx = 21' in joined
+    assert "*Output*" in joined and "x is 21" in joined
+    assert PLOT_DONE in texts[-1]
+    first_body = thread[1]
+    assert first_body["edits"] >= 2, "the reply should have been streamed with chat.update"
+    [png] = [u for u in fake.uploads.values() if u.data.startswith(PNG_MAGIC)]
+    assert (png.channel, png.thread_ts) == (CHANNEL, first["ts"])
+    assert done(fake, first["ts"]) == [(CHANNEL, first["ts"], "white_check_mark")]
+    assert len(await rig.jobs()) == 1
+    assert len([c for c in fake.calls_to("chat.postMessage") if c.get("blocks")]) == 1  # one status message
+
+    # A follow-up in the thread, no mention: same conversation, same Python session (x survives).
+    follow = message("now double x", thread_ts=first["ts"])
+    assert (await rig.post_event(event_body(follow))).status == 200
+    await fake.wait_for(lambda: done(fake, follow["ts"]), within=120)
+    texts = [m["text"] for m in fake.thread(CHANNEL, first["ts"])]
+    assert any("doubled 42" in t for t in texts), texts
+    assert any(DOUBLE_DONE in t for t in texts)
+    assert done(fake, follow["ts"]) == [(CHANNEL, follow["ts"], "white_check_mark")]
+    # The model saw the first exchange in the follow-up's prompt.
+    last_prompt = model_server.requests[-1]["messages"]
+    assert any("define x = 21" in str(m.get("content")) for m in last_prompt)
+    # Bad signatures never reach the queue.
+    bad = await rig.post_event(event_body(mention("<@UBOT> print(1)")), secret="not-the-secret")
+    assert bad.status == 401
+    assert len(await rig.jobs()) == 2
+
+
+CSV_CODE = """Reading your file.
+```python
+import csv
+with open("/mnt/data/sales.csv") as f:
+    rows = list(csv.DictReader(f))
+print("total revenue", sum(int(r["revenue"]) for r in rows))
+```"""
+
+
+async def test_shared_csv_is_downloaded_with_the_bot_token_and_read_by_the_code(
+        make_rig, start_worker, model_server):
+    model_server.script = [CSV_CODE, "Total revenue is 60."]
+    rig = await make_rig(edit_interval=0.2)
+    await start_worker(slack_bot_token=rig.fake.token)
+    fake = rig.fake
+    shared = fake.add_file("sales.csv", b"month,revenue\njan,10\nfeb,20\nmar,30\n", "text/csv")
+    event = mention("<@UBOT> what is the total revenue in this file?", files=[shared])
+    assert (await rig.post_event(event_body(event))).status == 200
+    await fake.wait_for(lambda: done(fake, event["ts"]), within=120)
+    texts = "\n".join(m["text"] for m in fake.thread(CHANNEL, event["ts"]))
+    assert "total revenue 60" in texts, texts
+    [download] = fake.calls_to("download")
+    assert download["auth"] == f"Bearer {fake.token}"
+    assert done(fake, event["ts"]) == [(CHANNEL, event["ts"], "white_check_mark")]
