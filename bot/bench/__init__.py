@@ -1,0 +1,1 @@
+"""Benchmarks behind `codeloop bench`: each module has configure(parser) and main(args)."""
