@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -10,12 +11,14 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from bot import metrics
+from bot.adapters.common import InputLimits, Upload, check_upload
 from bot.agent.loop import Turn
 from bot.agent.prompts import SYSTEM_PROMPT, files_note
 from bot.errors import CodeloopError, InputRejected, JobCancelled
 from bot.jobs import Event, Job
 from bot.llm.base import GenerationParams, ModelClient
 from bot.queue import Delivery, JobQueue
+from bot.ratelimit import RateLimited, RateLimiter
 from bot.sandbox_link import ThreadSandbox
 from bot.settings import Settings
 from bot.store import ConversationState, ConversationStore
@@ -62,6 +65,22 @@ class JobRun:
             if self.sandbox is not None:
                 self.sandbox.cancelled.set()
             self.task.cancel()
+
+    async def admit(self, limiter: RateLimiter) -> bool:
+        """Charge a message to its user's and channel's rate limits before it takes any slot; one
+        over a limit ends here with an error event that says when to try again. A redelivered job
+        was charged on its first delivery."""
+        if self.job.kind != "message" or self.delivery.deliveries > 1:
+            return True
+        try:
+            await limiter.take(self.job)
+        except RateLimited as exc:
+            metrics.ERRORS.labels(exc.kind).inc()
+            metrics.JOBS.labels(exc.kind).inc()
+            await self.queue.complete(self.delivery, self.event("error", {
+                "kind": exc.kind, "message": exc.user_message(), "retry_after_s": round(exc.retry_after_s, 1)}))
+            return False
+        return True
 
     async def execute(self) -> None:
         """Run to a terminal event, then finish (publish + advance + ack) atomically."""
@@ -113,6 +132,7 @@ class JobRun:
                                 f"{self.settings.max_message_chars:,}. Attach long text as a file instead.")
         if not text and not job.attachments:
             raise InputRejected("The message is empty: tell me what to do, e.g. `plot the first column of data.csv`.")
+        self._check_uploads()
         self.sandbox = ThreadSandbox(self.sandboxes, state, job.conversation.key, self.settings)
         if job.attachments:
             await self.emit("status", {"text": "receiving files"})
@@ -122,6 +142,22 @@ class JobRun:
         await self._save(state, turn)
         metrics.ROUNDS.observe(turn.rounds)
         return self.event("final", {"text": reply, "rounds": turn.rounds, "ok": True})
+
+    def _check_uploads(self) -> None:
+        """The adapters refuse oversize and executable uploads already; jobs also reach the stream
+        from the console or a future adapter, and inline data can be larger than it claims."""
+        limits = InputLimits.from_settings(self.settings)
+        for att in self.job.attachments:
+            check_upload(Upload(att.name, att.size, att.mime), limits)
+            if att.data_b64 is None:
+                continue
+            if len(att.data_b64) // 4 * 3 > limits.max_upload_bytes:  # base64's size, without decoding it
+                check_upload(Upload(att.name, len(att.data_b64) // 4 * 3, att.mime), limits)
+            try:
+                base64.b64decode(att.data_b64, validate=True)
+            except ValueError:
+                raise InputRejected(f"`{att.name}` arrived damaged (its data is not valid base64); "
+                                    "please attach it again.") from None
 
     async def _reset(self, state: ConversationState) -> Event:
         if state.session_id:

@@ -1,24 +1,97 @@
 """One way to connect to Redis: a blocking pool, so bursts wait for a connection instead of
-failing with ``MaxConnectionsError`` (redis-py's default pool raises past 100 connections)."""
+failing with ``MaxConnectionsError`` (redis-py's default pool raises past 100 connections),
+and retries with backoff, so a Redis restart is ridden out instead of failing every command.
+
+redis-py gives a pool built by hand no retries at all; every command in flight during a restart
+would raise. Here a command that meets a dropped connection (or Redis still loading its AOF)
+reconnects and runs again, backing off from 50 ms to 1 s, for at most ``OUTAGE_BUDGET_S`` per
+call (redis-py nests the connect retries inside the command's, so a count alone would
+multiply: the budget is a deadline). Callers' own loops take over after that. What
+is retried is safe to repeat: enqueue is idempotent on the event id, and ``complete`` publishes
+a job's final event only while the conversation's ``done`` counter is behind it.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 
 from bot.errors import QueueError
 from bot.settings import Settings
 
+log = logging.getLogger(__name__)
+
+BACKOFF_BASE_S = 0.05
+BACKOFF_CAP_S = 1.0
+OUTAGE_BUDGET_S = 30.0
+RETRIES = 6 + int(OUTAGE_BUDGET_S / BACKOFF_CAP_S)  # ~6 quick tries, then one a second
+
+
+class _Outage:
+    """One log line when Redis goes away and one when it's back, however many connections see it."""
+
+    since: float | None = None
+
+    @classmethod
+    def lost(cls, error: Exception) -> None:
+        if cls.since is None:
+            cls.since = time.monotonic()
+            log.warning("Redis connection lost (%s); reconnecting with backoff (%.2fs to %.0fs, up to %d tries)",
+                        error, BACKOFF_BASE_S, BACKOFF_CAP_S, RETRIES)
+
+    @classmethod
+    def restored(cls) -> None:
+        if cls.since is not None:
+            log.warning("Redis connection restored after %.1fs", time.monotonic() - cls.since)
+            cls.since = None
+
+
+class LoggedRetry(Retry):  # type: ignore[misc]  # redis-py is treated as untyped (pyproject)
+    async def call_with_retry(self, do: Callable[[], Awaitable[Any]], fail: Callable[..., Any],
+                              is_retryable: Callable[[Exception], bool] | None = None,
+                              with_failure_count: bool = False) -> Any:
+        failed_at: float | None = None
+
+        async def noted(error: Exception, *count: int) -> Any:
+            nonlocal failed_at
+            failed_at = failed_at or time.monotonic()
+            _Outage.lost(error)
+            outcome = await fail(error, *count)
+            if time.monotonic() - failed_at > OUTAGE_BUDGET_S:
+                raise error
+            return outcome
+
+        result = await super().call_with_retry(do, noted, is_retryable, with_failure_count)
+        if failed_at is not None:
+            _Outage.restored()
+        return result
+
+
+def retry_policy() -> Retry:
+    return LoggedRetry(ExponentialWithJitterBackoff(base=BACKOFF_BASE_S, cap=BACKOFF_CAP_S), RETRIES)
+
 
 def connect(settings: Settings, max_connections: int | None = None) -> aioredis.Redis:
     size = max_connections or max(32, settings.worker_concurrency * 2 + 16)
-    pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=size, timeout=30)
+    pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=size, timeout=30,
+                                                    retry=retry_policy(), health_check_interval=15)
     return aioredis.Redis(connection_pool=pool)
 
 
 async def check(redis: aioredis.Redis, settings: Settings) -> None:
-    """Fail with one line that says how to fix it when Redis is not there."""
+    """Fail with one line that says how to fix it when Redis is not there. The probe doesn't
+    retry: at start, a missing Redis is a setup problem to report now, not an outage to wait out."""
+    probe = aioredis.Redis.from_url(settings.redis_url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=5)
     try:
-        await redis.ping()
+        await probe.ping()
     except (aioredis.ConnectionError, OSError) as exc:
         raise QueueError(f"Redis is not reachable at {settings.redis_url} ({exc}). Start it "
                          "(`redis-server --daemonize yes`) or set CODELOOP_REDIS_URL.") from None
+    finally:
+        await probe.aclose()

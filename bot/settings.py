@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
     feedback_chars: int = Field(1000, ge=100, description="output the model sees, head + tail")
 
+    # --- rate limits and fairness (bot/ratelimit.py; 0 turns a bucket off) ------------------
+    rate_user_per_min: int = Field(20, ge=0, description="requests a user may start per minute (burst = this)")
+    rate_channel_per_min: int = Field(60, ge=0, description="requests a channel may start per minute")
+    worker_user_concurrency: int = Field(2, ge=1, description="one user's jobs running at once in a worker")
+
     # --- Slack ------------------------------------------------------------------------------
     slack_bot_token: SecretStr | None = None
     slack_app_token: SecretStr | None = None

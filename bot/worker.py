@@ -32,6 +32,7 @@ from bot.llm import make_client
 from bot.llm.base import ModelClient
 from bot.ordering import Signals
 from bot.queue import Delivery, JobQueue
+from bot.ratelimit import RateLimiter, UserSlots, user_key
 from bot.settings import Settings
 from bot.store import ConversationStore
 
@@ -60,6 +61,8 @@ class Worker:
         self.model = model
         self.sandboxes = sandboxes
         self.slots = asyncio.Semaphore(settings.worker_concurrency)
+        self.limiter = RateLimiter(self.redis, settings)
+        self.user_slots = UserSlots(settings.worker_user_concurrency)
         self.held: dict[str, JobRun | None] = {}  # entry id -> run (None while parked/waiting)
         self.running: dict[str, JobRun] = {}  # conversation key -> run
         self.tasks: set[asyncio.Task[None]] = set()
@@ -105,7 +108,9 @@ class Worker:
     async def _intake(self) -> None:
         limit = self.settings.worker_concurrency * 4  # bound on jobs held while waiting their turn
         while not self.stopping.is_set():
-            free = limit - len(self.held)
+            # Jobs parked on their user's cap don't count, or one user's backlog would stop intake for
+            # everyone; they passed the rate limiter, which bounds them, and the hard cap bounds the rest.
+            free = min(limit - (len(self.held) - self.user_slots.waiting), limit * 4 - len(self.held))
             if free <= 0:
                 await asyncio.sleep(0.01)
                 continue
@@ -160,7 +165,14 @@ class Worker:
         job = delivery.job
         if job is None:
             metrics.DEAD_LETTERS.labels("poison").inc()
-            await self.queue.dead_letter(delivery, delivery.error or "poison")
+            notice = None
+            if delivery.envelope is not None:  # it holds a place in its thread: tell the user, in turn
+                await self.signals.wait_turn(delivery.envelope)
+                notice = Event(job_id=delivery.envelope.id, conversation=delivery.envelope.conversation, seq=10_000,
+                               type="error", meta=delivery.envelope.meta,
+                               payload={"kind": "poison", "message": "This request could not be read "
+                                        f"({delivery.error}), so it was not run. Please send it again."})
+            await self.queue.dead_letter(delivery, delivery.error or "poison", notice)
             return
         if delivery.deliveries > self.settings.max_deliveries:
             metrics.DEAD_LETTERS.labels("deliveries").inc()
@@ -177,10 +189,12 @@ class Worker:
         ttl = min(self.settings.lock_ttl_s, self.settings.claim_idle_s)
         lock = Lock(self.redis, self.queue.conv_key(job.conversation, "lock"), timeout=ttl, sleep=0.05)
         assert self.model is not None and self.sandboxes is not None
-        async with self.slots:
+        run = JobRun(delivery, self.queue, self.store, self.model, self.sandboxes, self.settings, self.http)
+        if not await run.admit(self.limiter):
+            return
+        async with self.user_slots.hold(user_key(job)), self.slots:
             await lock.acquire()
             self.locks[delivery.entry_id] = lock
-            run = JobRun(delivery, self.queue, self.store, self.model, self.sandboxes, self.settings, self.http)
             self.held[delivery.entry_id] = run
             self.running[job.conversation.key] = run
             token = metrics.log_context.set({"job": job.id, "conversation": job.conversation.key})

@@ -4,6 +4,13 @@ The server applies the model's own chat template. 429/503 and connection failure
 first token are retried with exponential backoff; if they persist, ``ModelOverloaded`` carries
 a message the user sees. A failure after tokens have streamed is not retried (the user already
 saw part of the reply), it surfaces as ``ModelError``.
+
+Each request gets its own ``AsyncInferenceClient``, closed when its stream ends: the client
+enters every streamed response into an exit stack that is only unwound by ``close()``, so one
+long-lived client keeps every response it ever streamed (~20 MiB per 1,000 requests, measured
+by benchmarks/overload_rss.py). They share one HTTP connection pool, because a new pool costs
+~20 ms of TLS set-up per request; were the attribute that carries it ever renamed upstream,
+each request would simply get a pool of its own: slower, still correct.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx2
-from huggingface_hub import AsyncInferenceClient
+from huggingface_hub import AsyncInferenceClient, get_async_session
 from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError
 
 from bot.errors import ModelError, ModelOverloaded
@@ -44,7 +51,9 @@ class TGIClient:
         self.context_tokens = context_tokens
         self.retries = retries
         self.backoff_s = backoff_s
-        self._client = AsyncInferenceClient(base_url=self.url, token=token, timeout=timeout_s)
+        self._token = token
+        self._timeout_s = timeout_s
+        self._http: Any = None  # the shared httpx pool, made on first use (it needs a running loop)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TGIClient:
@@ -61,7 +70,8 @@ class TGIClient:
     def count_tokens(self, messages: list[ChatMessage]) -> int:
         return sum(int(len(m["content"]) / CHARS_PER_TOKEN) + 4 for m in messages)
 
-    async def _open(self, messages: list[ChatMessage], params: GenerationParams) -> AsyncIterator[Any]:
+    async def _open(self, messages: list[ChatMessage],
+                    params: GenerationParams) -> tuple[AsyncInferenceClient, AsyncIterator[Any]]:
         kwargs: dict[str, Any] = {"max_tokens": params.max_new_tokens, "stream": True}
         if params.temperature > 0:
             kwargs.update(temperature=params.temperature, top_p=params.top_p)
@@ -71,12 +81,14 @@ class TGIClient:
             kwargs["stop"] = list(params.stop)
         last: BaseException | None = None
         for attempt in range(self.retries + 1):
+            client = self._request_client()
             try:
-                stream: AsyncIterator[Any] = await self._client.chat_completion(
-                    [dict(m) for m in messages], **kwargs
-                )
-                return stream
-            except TRANSIENT as exc:
+                stream: AsyncIterator[Any] = await client.chat_completion([dict(m) for m in messages], **kwargs)
+                return client, stream
+            except BaseException as exc:
+                await client.close()  # type: ignore[no-untyped-call]
+                if not isinstance(exc, TRANSIENT):
+                    raise
                 status = _status(exc)
                 if status is not None and status not in RETRYABLE_STATUS:
                     raise ModelError(f"model server answered {status}: {str(exc)[:300]}") from exc
@@ -90,8 +102,15 @@ class TGIClient:
         what = f"HTTP {status}" if status else f"unreachable at {self.url}"
         raise ModelOverloaded(f"{what} after {self.retries + 1} attempts") from last
 
+    def _request_client(self) -> AsyncInferenceClient:
+        if self._http is None:
+            self._http = get_async_session()
+        client = AsyncInferenceClient(base_url=self.url, token=self._token, timeout=self._timeout_s)
+        client._async_client = self._http  # not entered in its exit stack, so close() leaves it open
+        return client
+
     async def stream_chat(self, messages: list[ChatMessage], params: GenerationParams) -> AsyncIterator[str]:
-        stream = await self._open(messages, params)
+        client, stream = await self._open(messages, params)
         try:
             async for chunk in stream:
                 if not chunk.choices:
@@ -105,6 +124,9 @@ class TGIClient:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
+            await client.close()  # type: ignore[no-untyped-call]
 
     async def aclose(self) -> None:
-        await self._client.close()  # type: ignore[no-untyped-call]
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None

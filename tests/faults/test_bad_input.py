@@ -1,0 +1,102 @@
+"""Bad input through a real worker: each case ends with a message the user can act on, the worker
+keeps going, and the conversation stays usable. (Plain poison entries without a place in a
+thread are covered in tests/queue/test_worker.py.)"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+
+from bot.jobs import Attachment, Conversation, Event, Job
+from bot.queue import JobQueue
+from tests.faults.test_limits import UNLIMITED, terminals
+
+
+def job(thread: str, reply: str, text: str = "hi", attachments: list[Attachment] | None = None) -> Job:
+    return Job(idempotency_key=f"{thread}-{len(text)}-{text[:20]}", user="u", text=text, reply_stream=reply,
+               attachments=attachments or [], conversation=Conversation(platform="test", channel="c", thread=thread))
+
+
+async def enqueue_raw(queue: JobQueue, template: Job, raw: str) -> None:
+    """Enqueue JSON no current worker can parse, the way ``enqueue`` does (idempotency key, a seq
+    in its thread): a newer adapter during a rolling upgrade, or a producer not written in Python."""
+    keys, args = queue._enqueue_call(template, queue.settings.key("idem", "test", template.idempotency_key))
+    args[3] = raw
+    await queue._enqueue(keys=keys, args=args)
+
+
+@pytest.fixture
+async def rig(text_worker: Any, model_server: Any, make_settings: Any, redis_client: aioredis.Redis) -> Any:
+    model_server.script = lambda messages: f"echo: {messages[-1]['content']}"
+    worker = await text_worker(make_settings(llm_url=model_server.url, max_upload_bytes=1024 * 1024, **UNLIMITED))
+    return JobQueue(redis_client, worker.settings), worker.settings.key("replies", "t")
+
+
+async def one_reply(queue: JobQueue, reply: str, j: Job) -> Event:
+    await queue.enqueue(j)
+    [(_, event)] = await terminals(queue.redis, reply, 1)
+    return event
+
+
+CASES = {
+    "long": (dict(text="x" * 40_000), "The message is 40,000 characters; the limit is 20,000. Attach long text"),
+    "empty": (dict(text="  \n "), "The message is empty: tell me what to do"),
+    "oversize": (dict(attachments=[Attachment(name="big.csv", size=30 * 1024 * 1024, url="http://127.0.0.1:9/x")]),
+                 "`big.csv` is 30.0 MiB; files up to 1.0 MiB are accepted."),
+    "lies about its size": (
+        dict(attachments=[Attachment(name="small.csv", size=10,
+                                     data_b64=base64.b64encode(b"a,b\n" * 600_000).decode())]),
+        "`small.csv` is 2.3 MiB; files up to 1.0 MiB are accepted."),
+    "executable": (dict(attachments=[Attachment(name="run.exe", size=4, data_b64=base64.b64encode(b"MZ\x90\x00")
+                                                .decode())]), "`run.exe` looks like an executable"),
+    "damaged": (dict(attachments=[Attachment(name="d.csv", size=3, data_b64="@@not base64@@")]),
+                "`d.csv` arrived damaged (its data is not valid base64)"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+async def test_bad_input_gets_a_clear_message_and_the_thread_goes_on(rig: Any, model_server: Any, case: str) -> None:
+    queue, reply = rig
+    fields, message = CASES[case]
+    event = await one_reply(queue, reply, job("T", reply, **fields))  # type: ignore[arg-type]
+    assert event.type == "error" and event.payload["kind"] == "input_rejected"
+    assert event.payload["message"].startswith(message), event.payload["message"]
+    assert model_server.requests == []  # nothing reached the model (or a sandbox)
+    await queue.enqueue(job("T", reply, text="and now a real question"))
+    done = await terminals(queue.redis, reply, 2)
+    assert done[-1][1].payload["text"] == "echo: and now a real question"
+
+
+async def test_invalid_utf8_bytes_on_the_stream_are_replaced_not_fatal(rig: Any, model_server: Any) -> None:
+    queue, reply = rig
+    template = job("U", reply, text="PLACEHOLDER")
+    raw = template.dumps().encode().replace(b"PLACEHOLDER", b"caf\xc3\xa9 \xff\xfe end")
+    await enqueue_raw(queue, template, raw)  # type: ignore[arg-type]
+    [(_, event)] = await terminals(queue.redis, reply, 1)
+    assert event.type == "final" and event.payload["text"] == "echo: café \ufffd\ufffd end"
+
+
+@pytest.mark.parametrize("damage", ["schema", "surrogate"])
+async def test_unreadable_job_with_a_place_in_its_thread_is_reported_and_does_not_block_it(
+        rig: Any, model_server: Any, damage: str) -> None:
+    queue, reply = rig
+    before = REGISTRY.get_sample_value("codeloop_dead_letters_total", {"reason": "poison"}) or 0.0
+    template = job("P", reply, text="PLACEHOLDER")
+    raw = template.dumps()
+    raw = raw.replace('"schema_version":1', '"schema_version":2') if damage == "schema" else \
+        raw.replace("PLACEHOLDER", "half an emoji \\ud83d")
+    await enqueue_raw(queue, template, raw)
+    await queue.enqueue(job("P", reply, text="the next question"))  # seq 2 of the same thread
+    done = [e for _, e in await terminals(queue.redis, reply, 2, timeout=15)]
+    assert [e.type for e in done] == ["error", "final"], "the thread is stuck behind the unreadable job"
+    assert done[0].job_id == template.id and done[0].payload["kind"] == "poison"
+    assert done[0].payload["message"].startswith("This request could not be read (malformed job")
+    assert done[0].payload["message"].endswith("so it was not run. Please send it again.")
+    assert done[1].payload["text"] == "echo: the next question"
+    [(_, dead)] = await queue.redis.xrange(queue.dead_stream)
+    assert dead[b"reason"].startswith(b"malformed job") and dead[b"seq"] == b"1"
+    assert REGISTRY.get_sample_value("codeloop_dead_letters_total", {"reason": "poison"}) == before + 1
