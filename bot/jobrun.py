@@ -7,6 +7,7 @@ import base64
 import logging
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -147,8 +148,14 @@ class JobRun:
         """The adapters refuse oversize and executable uploads already; jobs also reach the stream
         from the console or a future adapter, and inline data can be larger than it claims."""
         limits = InputLimits.from_settings(self.settings)
+        # loopback: a process there could read this worker's environment anyway (and the tests' fake Slack lives there)
+        slack_hosts = {"files.slack.com", urlsplit(self.settings.slack_api_url).hostname,
+                       "127.0.0.1", "localhost", "::1"}
         for att in self.job.attachments:
             check_upload(Upload(att.name, att.size, att.mime), limits)
+            if att.auth == "slack" and urlsplit(att.url or "").hostname not in slack_hosts:
+                # the download carries the bot token: never to a host that isn't Slack's
+                raise InputRejected(f"`{att.name}` does not come from Slack's file servers; it was not fetched.")
             if att.data_b64 is None:
                 continue
             if len(att.data_b64) // 4 * 3 > limits.max_upload_bytes:  # base64's size, without decoding it

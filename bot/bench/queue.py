@@ -96,8 +96,10 @@ async def raw_loop(url: str, producers: int, jobs: int) -> tuple[float, list[flo
 
 async def whole_path(url: str, producers: int, jobs: int, concurrency: int) -> tuple[float, list[float]]:
     prefix = f"codeloop-bench-{uuid.uuid4().hex[:8]}"
+    # one bench user in one channel: rate limits and the per-user cap would measure themselves, not the queue
     settings = Settings.load(redis_url=url, key_prefix=prefix, llm_backend="tgi", llm_url="http://127.0.0.1:9",
-                             worker_concurrency=concurrency)
+                             worker_concurrency=concurrency, rate_user_per_min=0, rate_channel_per_min=0,
+                             worker_user_concurrency=concurrency)
     latencies: list[float] = []
     worker = Worker(settings, model=NoopModel(), sandboxes=NoSandbox())  # type: ignore[arg-type]
     worker.pickup_observer = latencies.append

@@ -100,3 +100,13 @@ async def test_unreadable_job_with_a_place_in_its_thread_is_reported_and_does_no
     [(_, dead)] = await queue.redis.xrange(queue.dead_stream)
     assert dead[b"reason"].startswith(b"malformed job") and dead[b"seq"] == b"1"
     assert REGISTRY.get_sample_value("codeloop_dead_letters_total", {"reason": "poison"}) == before + 1
+
+
+async def test_the_slack_token_is_only_sent_to_slack(rig: Any, model_server: Any) -> None:
+    """An attachment marked ``auth="slack"`` is fetched with the bot token; a job (from a bug, a
+    compromised adapter, or a crafted payload) pointing it elsewhere must not get the token."""
+    queue, reply = rig
+    fake = Attachment(name="data.csv", size=10, url="https://attacker.example/steal", auth="slack")
+    event = await one_reply(queue, reply, job("X", reply, attachments=[fake]))
+    assert event.type == "error"
+    assert event.payload["message"] == "`data.csv` does not come from Slack's file servers; it was not fetched."
