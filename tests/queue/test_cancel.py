@@ -36,7 +36,7 @@ async def test_stop_during_a_cell_interrupts_it_and_the_session_survives(
     await asyncio.sleep(0.3)  # the cell is running now
     t0 = await _stop(queue, first)
     [(_, final)] = await finals(redis_client, reply, 1, timeout=10)
-    assert time.monotonic() - t0 < 1.5
+    assert time.monotonic() - t0 < 5  # not the 60 s cell timeout (a figure, not a budget: see bench)
     assert final.type == "final" and final.payload["cancelled"] is True
     await queue.enqueue(job("S", "print it", reply))
     done = await finals(redis_client, reply, 2, timeout=30)
@@ -60,7 +60,7 @@ async def test_stop_during_generation(start_worker: Any, model_server: Any, redi
         await asyncio.sleep(0.025)
     t0 = await _stop(queue, first)
     [(_, final)] = await finals(redis_client, reply, 1, timeout=10)
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < 5  # the reply would stream for ~8 s without Stop
     assert final.payload["cancelled"] is True and final.payload["text"].startswith("word")
     model_server.chunk_delay_s = 0
     await queue.enqueue(job("G", "again", reply))
