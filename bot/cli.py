@@ -1,7 +1,9 @@
 """``codeloop`` command line: each command lives in its own module, imported only when used.
 
 A command module exposes ``configure(parser)`` and ``main(args) -> int``. Start-up errors that
-are ours (bad settings, missing image, unreachable Redis) print one line and exit 2.
+are ours (bad settings, missing image, unreachable Redis) print one line and exit 2. That line is
+the error's detail, not its chat-user text: whoever runs the command operates the bot and needs
+the address that did not answer.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.main(args) or 0)
     except CodeloopError as exc:
-        print(f"codeloop {name}: {exc.user_message()}", file=sys.stderr)
+        print(f"codeloop {name}: {str(exc) or exc.user_message()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

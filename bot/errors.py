@@ -14,9 +14,18 @@
 
 Adapters turn these into user-facing messages with `user_message()`; nothing else should
 show a raw traceback to a chat user.
+
+Two texts per error: ``str(error)`` is the detail, for logs and for the operator's terminal
+(``bot/cli.py`` prints it); it may name the model server's URL, Redis or Docker addresses, or
+carry a library's exception text. ``user_message()`` is what a chat user sees, and must never
+name an internal host: it is the ``for_user=`` text the raiser wrote, else the class's
+``generic`` text (set on the classes whose detail is built from library errors and addresses),
+else, for classes whose messages are written for users (InputRejected…), the detail itself.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class CodeloopError(Exception):
@@ -24,9 +33,16 @@ class CodeloopError(Exception):
 
     #: short machine-readable kind, used in error events and metrics
     kind = "internal"
+    #: what chat users see in place of the detail; None where the detail is written for them
+    generic: ClassVar[str | None] = None
+
+    def __init__(self, *args: object, for_user: str | None = None) -> None:
+        super().__init__(*args)
+        #: a message for chat users that the raiser wrote, free of hosts and library error text
+        self.for_user = for_user
 
     def user_message(self) -> str:
-        return str(self) or self.__class__.__name__
+        return self.for_user or self.generic or str(self) or self.__class__.__name__
 
 
 class ConfigError(CodeloopError):
@@ -35,25 +51,27 @@ class ConfigError(CodeloopError):
 
 class QueueError(CodeloopError):
     kind = "queue"
+    generic = "The job queue is not reachable right now; try again in a minute."
 
 
 class PoisonJob(QueueError):
     kind = "poison"
+    generic = "This request could not be read, so it was not run. Please send it again."
 
 
 class ModelError(CodeloopError):
     kind = "model"
+    generic = "The model could not answer this time; try again in a minute."
 
 
 class ModelOverloaded(ModelError):
     kind = "model_overloaded"
-
-    def user_message(self) -> str:
-        return f"The model server is overloaded and did not recover after retries ({self}). Try again shortly."
+    generic = "The model server is overloaded and did not recover after retries. Try again shortly."
 
 
 class SandboxError(CodeloopError):
     kind = "sandbox"
+    generic = "The code sandbox is not available right now; try again in a minute."
 
 
 class SandboxUnavailable(SandboxError):
@@ -62,6 +80,8 @@ class SandboxUnavailable(SandboxError):
 
 class SessionLost(SandboxError):
     kind = "session_lost"
+    generic = ("This thread's Python session ended unexpectedly; its variables and files are gone. "
+               "Send the request again to start a fresh session.")
 
 
 class InputRejected(CodeloopError):

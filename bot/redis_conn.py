@@ -78,10 +78,15 @@ def retry_policy() -> Retry:
 
 
 def connect(settings: Settings, max_connections: int | None = None) -> aioredis.Redis:
+    """The client every long-running command uses (worker, console, the Slack and Discord adapters).
+
+    The pool is sized for a worker unless ``max_connections`` says otherwise (the Slack adapter's
+    burst of acks wants more). No connection opens until the first command; ``aclose()`` closes
+    the pool's connections too."""
     size = max_connections or max(32, settings.worker_concurrency * 2 + 16)
     pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=size, timeout=30,
                                                     retry=retry_policy(), health_check_interval=15)
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)
 
 
 async def check(redis: aioredis.Redis, settings: Settings) -> None:

@@ -6,16 +6,20 @@ Services are expected on loopback (``.ci/run`` starts them): Redis at CODELOOP_T
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from bot.settings import Settings
+
+if TYPE_CHECKING:
+    from bot.worker import Worker
 
 REDIS_URL = os.environ.get("CODELOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -107,37 +111,50 @@ def _remove_test_containers(key_prefix: str) -> None:
     client.close()
 
 
+class RunningWorkers:
+    """The workers a test started: ``start`` runs one until it is ready, ``stop`` ends them all."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[Worker, asyncio.Task[None]]] = []
+
+    async def start(self, worker: Worker, within_s: float) -> Worker:
+        """Run ``worker`` in the background; its start-up error, if it fails, is raised here."""
+        task = asyncio.create_task(worker.run())
+        ready = asyncio.create_task(worker.ready.wait())
+        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED, timeout=within_s)
+        ready.cancel()
+        if task.done():
+            task.result()
+        assert worker.ready.is_set(), f"worker did not become ready in {within_s:g} s"
+        self.started.append((worker, task))
+        return worker
+
+    async def stop(self) -> None:
+        started, self.started = self.started, []
+        for worker, task in started:
+            worker.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, timeout=30)
+
+
 @pytest.fixture
 async def start_worker(make_settings: Callable[..., Settings], model_server: Any,
                        key_prefix: str) -> AsyncIterator[Callable[..., Any]]:
     """``await start_worker(**setting_overrides) -> Worker``: a real worker on the scripted model
     and real Docker sandboxes (labelled for this test and removed afterwards)."""
-    import asyncio
-
     from bot.worker import Worker
     from runner.config import SandboxConfig
     from runner.manager import SandboxManager
 
-    started: list[tuple[Worker, asyncio.Task[None]]] = []
+    workers = RunningWorkers()
 
     async def factory(**overrides: Any) -> Worker:
         overrides.setdefault("llm_url", model_server.url)
         overrides.setdefault("sandbox_cell_timeout_s", 10.0)
         settings = make_settings(**overrides)
         manager = SandboxManager(SandboxConfig.from_settings(settings, labels={"codeloop.test": key_prefix}))
-        worker = Worker(settings, sandboxes=manager)
-        task = asyncio.create_task(worker.run())
-        ready = asyncio.create_task(worker.ready.wait())
-        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED, timeout=60)
-        if task.done():
-            task.result()
-        assert worker.ready.is_set(), "worker did not become ready in 60 s"
-        started.append((worker, task))
-        return worker
+        return await workers.start(Worker(settings, sandboxes=manager), within_s=60)
 
     yield factory
-    for worker, task in started:
-        worker.stop()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, timeout=30)
+    await workers.stop()
     await asyncio.to_thread(_remove_test_containers, key_prefix)

@@ -2,10 +2,10 @@
 
 Adapters stay thin: they translate a platform's payloads into these calls and render the
 results. What lives here: allowlists, input limits (long text, empty mention, oversize or
-binary uploads → a message the user can act on), the control words (``reset``, ``stop``),
-splitting long replies at a platform's limit without breaking a ``` code fence, and
-truncating long execution output with a pointer to the attached full text, and batching the
-enqueues of concurrent acks into one Redis round trip.
+binary uploads → a message the user can act on), cleaning request text of what cannot be
+encoded, the control words (``reset``, ``stop``), splitting long replies at a platform's limit
+without breaking a ``` code fence, and truncating long execution output with a pointer to the
+attached full text, and batching the enqueues of concurrent acks into one Redis round trip.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ FENCE = "```"
 _FENCE_HEADER = re.compile(r"```[\w+#.-]*")
 # An HTML entity cut in half renders as garbage (Slack escapes & < > this way).
 _ENTITY_TAIL = re.compile(r"&[#\w]{0,8}$")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Executables and disk images: no analysis task needs them, and they are the usual payload of
 # "run this for me" abuse. Data formats (CSV, Parquet, XLSX, images, zip…) are all welcome.
@@ -119,9 +120,25 @@ def human_size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def encodable_text(text: str) -> str:
+    """``text`` made safe to encode: a lone UTF-16 surrogate (``"\\ud800"``, which chat JSON can
+    carry) becomes U+FFFD, a surrogate pair left as two code points is joined into its character,
+    and NUL characters are dropped.
+
+    A lone surrogate cannot be encoded as UTF-8, so it would crash the job's JSON on its way to
+    Redis, the model request or a log line, far from here. NUL is dropped rather than replaced: no chat
+    client shows it, it means nothing in a request, and C-string consumers downstream (log
+    viewers, native tokenizers) may cut the text at it; removing it loses nothing the user saw.
+    """
+    if _SURROGATE.search(text):
+        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text.replace("\x00", "")
+
+
 def check_text(text: str, limits: InputLimits, *, has_files: bool = False) -> str:
-    """The request text, stripped; InputRejected when it is empty (and no files came) or too long."""
-    text = text.strip()
+    """The request text, cleaned (``encodable_text``) and stripped; InputRejected when it is empty
+    (and no files came) or too long. Adapters enqueue this return value, never the raw text."""
+    text = encodable_text(text).strip()
     if not text and not has_files:
         raise InputRejected(
             "You mentioned me without a request. Ask something after the mention, e.g. "
@@ -167,7 +184,7 @@ def partition_uploads(items: Iterable[tuple[T, Upload]], limits: InputLimits) ->
 
 def parse_control(text: str) -> tuple[JobKind, str]:
     """``reset`` or ``stop`` alone (mention already removed) are controls; anything else is a message."""
-    word = text.strip().lower().rstrip(".!")
+    word = encodable_text(text).strip().lower().rstrip(".!")
     if word in ("reset", "/reset", "new session"):
         return "reset", ""
     if word in ("stop", "/stop", "cancel"):

@@ -144,7 +144,9 @@ class LocalModelClient:
         prompt = self.encode(messages)
         room = self.context_tokens - len(prompt)
         if room <= 0:
-            raise ModelError(f"the prompt has {len(prompt)} tokens; the context holds {self.context_tokens}")
+            detail = f"the prompt has {len(prompt)} tokens; the context holds {self.context_tokens}"
+            raise ModelError(detail, for_user=f"The conversation is too long for the model: {detail}. "
+                                              "Say \"reset\" to start a fresh one.")
         stop_ids, stop_texts = self._split_stops(params.stop)
         queue: asyncio.Queue[Delivery] = asyncio.Queue()
         req = Request(

@@ -3,7 +3,9 @@
 The server applies the model's own chat template. 429/503 and connection failures before the
 first token are retried with exponential backoff; if they persist, ``ModelOverloaded`` carries
 a message the user sees. A failure after tokens have streamed is not retried (the user already
-saw part of the reply), it surfaces as ``ModelError``.
+saw part of the reply), it surfaces as ``ModelError``. The text chat users see never names the
+server: its URL, and the client libraries' error text that repeats it, go to the log and to the
+error's detail (``str(error)``) only; users get the status code at most.
 
 Each request gets its own ``AsyncInferenceClient``, closed when its stream ends: the client
 enters every streamed response into an exit stack that is only unwound by ``close()``, so one
@@ -91,7 +93,11 @@ class TGIClient:
                     raise
                 status = _status(exc)
                 if status is not None and status not in RETRYABLE_STATUS:
-                    raise ModelError(f"model server answered {status}: {str(exc)[:300]}") from exc
+                    detail = f"model server {self.url} answered {status}: {str(exc)[:300]}"
+                    log.error("%s", detail)
+                    raise ModelError(detail, for_user=f"The model server turned the request down (HTTP {status}). "
+                                     "Try again in a minute; if it keeps happening, tell the bot's operators."
+                                     ) from exc
                 last = exc
                 if attempt < self.retries:
                     delay = self.backoff_s * (2**attempt) * (1 + random.random() / 2)
@@ -99,8 +105,17 @@ class TGIClient:
                                 attempt + 1, self.retries, delay)
                     await asyncio.sleep(delay)
         status = _status(last) if last else None
-        what = f"HTTP {status}" if status else f"unreachable at {self.url}"
-        raise ModelOverloaded(f"{what} after {self.retries + 1} attempts") from last
+        attempts = self.retries + 1
+        if status:
+            detail = f"HTTP {status} from {self.url} after {attempts} attempts"
+            for_user = (f"The model server is overloaded and did not recover after retries "
+                        f"(HTTP {status} after {attempts} attempts). Try again shortly.")
+        else:
+            detail = f"no answer from {self.url} after {attempts} attempts ({last!r})"
+            for_user = ("The model server is not answering and did not recover after retries. "
+                        "Try again in a minute.")
+        log.error("model server: %s", detail)
+        raise ModelOverloaded(detail, for_user=for_user) from last
 
     def _request_client(self) -> AsyncInferenceClient:
         if self._http is None:
@@ -119,7 +134,10 @@ class TGIClient:
                 if delta:
                     yield delta
         except TRANSIENT as exc:
-            raise ModelError(f"the model server stream broke off: {exc}") from exc
+            detail = f"the stream from model server {self.url} broke off: {exc}"
+            log.error("%s", detail)
+            raise ModelError(detail, for_user="The model server stopped answering in the middle of the reply. "
+                                              "Try again in a minute.") from exc
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
 import pytest
@@ -18,6 +19,7 @@ from bot.adapters.common import (
     truncate_output,
 )
 from bot.errors import InputRejected
+from bot.jobs import Conversation, Job
 
 LIMITS = InputLimits(max_chars=100, max_upload_bytes=1000)
 
@@ -35,6 +37,18 @@ def test_check_text_strips_and_rejects_empty_and_long():
     assert check_text("", LIMITS, has_files=True) == ""
     with pytest.raises(InputRejected, match="101 characters; the limit is 100"):
         check_text("x" * 101, LIMITS)
+
+
+def test_check_text_replaces_lone_surrogates_and_drops_nul_so_the_job_encodes():
+    text = check_text(" plot\ud800 x\x00 vs \udfff y \ud83d\ude00 ", LIMITS)
+    assert text == "plot\ufffd x vs \ufffd y \U0001f600"
+    assert json.loads(json.dumps(text, ensure_ascii=False).encode("utf-8")) == text
+    assert Job(idempotency_key="e", user="u", text=text, reply_stream="r",
+               conversation=Conversation(platform="t", channel="c", thread="t")).dumps().encode("utf-8")
+    assert check_text("plain text", LIMITS) == "plain text"
+    with pytest.raises(InputRejected, match="without a request"):
+        check_text("\x00 \x00", LIMITS)
+    assert parse_control("reset\x00") == ("reset", "")
 
 
 def test_uploads_oversize_and_executables_are_refused_with_a_reason():

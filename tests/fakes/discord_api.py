@@ -12,7 +12,6 @@ Discord. ``fail_next(method, path_re, status)`` answers the next matching call w
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import re
@@ -23,6 +22,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+
+from tests.fakes.http_recorder import HTTPRecorder
 
 EPOCH_MS = 1420070400000  # Discord's snowflake epoch
 
@@ -46,15 +47,15 @@ def user_json(user_id: int, name: str, bot: bool = False) -> dict[str, Any]:
             "bot": bot, "public_flags": 0, "flags": 0}
 
 
-class FakeDiscord:
+class FakeDiscord(HTTPRecorder[Call]):
     def __init__(self, token: str = "bot-token-for-tests", application_id: int = 1100000000000000001,
                  guild_id: int = 1200000000000000001, channel_id: int = 1300000000000000001) -> None:
+        super().__init__()
         self.token = token
         self.application_id = application_id
         self.bot_user = user_json(application_id, "codeloop", bot=True)
         self.guild_id = guild_id
         self.channel_id = channel_id
-        self.calls: list[Call] = []
         self.messages: dict[int, dict[str, Any]] = {}  # id -> message JSON as it stands now
         self.files: dict[str, bytes] = {}  # CDN path -> bytes
         self.commands: list[dict[str, Any]] = []
@@ -62,30 +63,18 @@ class FakeDiscord:
         self.interactions: dict[str, dict[str, Any]] = {}  # token -> the interaction, as sent to the bot
         self._failures: list[tuple[str, re.Pattern[str], int]] = []
         self._seq = itertools.count(1)
-        self._changed = asyncio.Condition()
-        self._runner: web.AppRunner | None = None
-        self.base = ""
 
     # --- lifecycle ----------------------------------------------------------------------------
     @property
     def api_url(self) -> str:
         return f"{self.base}/api/v10"
 
-    async def start(self) -> FakeDiscord:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+    def routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/api/v10/{path:.*}", self._api)
         app.router.add_get("/attachments/{path:.*}", self._cdn)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.base = f"http://127.0.0.1:{port}"
-        return self
 
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+    def describe(self, call: Call) -> object:
+        return call.method, call.path
 
     # --- for tests ------------------------------------------------------------------------------
     def snowflake(self) -> int:
@@ -102,23 +91,6 @@ class FakeDiscord:
         """Messages of a channel as they stand now, oldest first."""
         return sorted((m for m in self.messages.values() if m["channel_id"] == str(channel_id)),
                       key=lambda m: int(m["id"]))
-
-    async def wait_for(self, predicate: Callable[[], Any], within: float = 15.0) -> Any:
-        """Wait until ``predicate()`` is truthy (checked after every call) and return its value."""
-        async with self._changed:
-            result = predicate()
-            deadline = time.monotonic() + within
-            while not result:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    seen = [(c.method, c.path) for c in self.calls]
-                    raise AssertionError(f"nothing matched within {within} s; calls: {seen}")
-                try:
-                    await asyncio.wait_for(self._changed.wait(), left)
-                except TimeoutError:
-                    pass
-                result = predicate()
-            return result
 
     def add_cdn_file(self, channel_id: int, name: str, data: bytes) -> dict[str, Any]:
         """Attachment JSON (as in a message or resolved interaction data) for a file the CDN serves."""
@@ -155,8 +127,7 @@ class FakeDiscord:
         try:
             return await self._answer(call)
         finally:
-            async with self._changed:
-                self._changed.notify_all()
+            await self.changed()
 
     async def _answer(self, call: Call) -> web.StreamResponse:
         for i, (method, pattern, status) in enumerate(self._failures):

@@ -12,16 +12,16 @@ rate limit first, so retry handling is exercised for real.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSMsgType, web
+
+from tests.fakes.http_recorder import HTTPRecorder
 
 
 @dataclass
@@ -43,9 +43,10 @@ class Upload:
     initial_comment: str | None = None
 
 
-class FakeSlackAPI:
+class FakeSlackAPI(HTTPRecorder[Call]):
     def __init__(self, token: str = "xoxb-test-token", bot_user_id: str = "UBOT", bot_id: str = "BBOT",
                  team_id: str = "T0001", app_token: str = "xapp-test-token") -> None:
+        super().__init__()
         self.token = token
         self.app_token = app_token
         self.socket_acks: list[dict[str, Any]] = []
@@ -53,7 +54,6 @@ class FakeSlackAPI:
         self.bot_user_id = bot_user_id
         self.bot_id = bot_id
         self.team_id = team_id
-        self.calls: list[Call] = []
         self.messages: dict[tuple[str, str], dict[str, Any]] = {}
         self.uploads: dict[str, Upload] = {}
         self.reactions: list[tuple[str, str, str]] = []
@@ -61,31 +61,22 @@ class FakeSlackAPI:
         self._failures: dict[str, list[int]] = {}
         self._ids = itertools.count(1)
         self._ts = itertools.count(1)
-        self._changed = asyncio.Condition()
-        self._runner: web.AppRunner | None = None
-        self.base = ""
 
     # --- lifecycle ----------------------------------------------------------------------------
-    async def start(self) -> FakeSlackAPI:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/api/{method}", self._api)
         app.router.add_get("/api/{method}", self._api)
         app.router.add_post("/upload/{file_id}", self._upload)
         app.router.add_get("/files/{key}/{name}", self._download)
         app.router.add_get("/socket", self._socket)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.base = f"http://127.0.0.1:{port}"
-        return self
+
+    def describe(self, call: Call) -> object:
+        return call.method
 
     async def close(self) -> None:
         for ws in self._sockets:
             await ws.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await super().close()
 
     @property
     def api_url(self) -> str:
@@ -120,21 +111,10 @@ class FakeSlackAPI:
         return sorted((m for (ch, _), m in self.messages.items()
                        if ch == channel and m.get("thread_ts") == thread_ts), key=lambda m: float(m["ts"]))
 
-    async def wait_for(self, predicate: Callable[[], Any], within: float = 10.0) -> Any:
-        """Wait until ``predicate()`` is truthy (re-checked after every call); returns its value."""
-        async def _wait() -> Any:
-            async with self._changed:
-                while not (value := predicate()):
-                    await self._changed.wait()
-                return value
-
-        return await asyncio.wait_for(_wait(), within)
-
     # --- handlers -------------------------------------------------------------------------------
     async def _record(self, method: str, args: dict[str, Any]) -> None:
         self.calls.append(Call(method, args))
-        async with self._changed:
-            self._changed.notify_all()
+        await self.changed()
 
     async def _args(self, request: web.Request) -> dict[str, Any]:
         args: dict[str, Any] = dict(request.query)

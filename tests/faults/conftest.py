@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import socket
 import subprocess
 import time
@@ -17,6 +15,7 @@ import redis
 from bot.bench.queue import NoSandbox
 from bot.settings import Settings
 from bot.worker import Worker
+from tests.conftest import RunningWorkers
 
 
 class RedisServer:
@@ -77,21 +76,10 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 async def text_worker(model_server: Any) -> AsyncIterator[Callable[[Settings], Any]]:
     """``await text_worker(settings) -> Worker``: a real worker on the scripted model server with
     no sandbox (the replies carry no code, so none is needed; one asked for fails the test)."""
-    started: list[tuple[Worker, asyncio.Task[None]]] = []
+    workers = RunningWorkers()
 
     async def factory(settings: Settings) -> Worker:
-        worker = Worker(settings, sandboxes=NoSandbox())  # type: ignore[arg-type]
-        task = asyncio.create_task(worker.run())
-        ready = asyncio.create_task(worker.ready.wait())
-        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED, timeout=30)
-        if task.done():
-            task.result()
-        assert worker.ready.is_set(), "worker did not become ready in 30 s"
-        started.append((worker, task))
-        return worker
+        return await workers.start(Worker(settings, sandboxes=NoSandbox()), within_s=30)  # type: ignore[arg-type]
 
     yield factory
-    for worker, task in started:
-        worker.stop()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, timeout=30)
+    await workers.stop()

@@ -52,4 +52,5 @@ async def test_a_stalled_model_server_times_out_and_the_user_is_told(
     assert time.monotonic() - t0 < 5
     assert event.type == "error" and event.payload["kind"] == "model_overloaded", event.payload
     assert "did not recover after retries" in event.payload["message"], event.payload
+    assert "127.0.0.1" not in event.payload["message"] and str(model_server.port) not in event.payload["message"]
     assert len(model_server.requests) == 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from bot.errors import ModelError, ModelOverloaded
@@ -44,35 +46,71 @@ async def test_overload_is_retried_then_succeeds(status: int) -> None:
     assert len(server.requests) == 3
 
 
-async def test_persistent_overload_is_reported() -> None:
-    server = await ScriptedModelServer(script=["never"], fail_times=100, fail_status=429).start()
-    client = TGIClient(server.url, retries=2, backoff_s=0.01)
+async def _error_from(url: str, retries: int) -> ModelError:
+    """The error a request to the model server at ``url`` ends in."""
+    client = TGIClient(url, retries=retries, backoff_s=0.01)
     try:
-        with pytest.raises(ModelOverloaded) as err:
+        with pytest.raises(ModelError) as err:
             await _collect(client)
     finally:
         await client.aclose()
+    return err.value
+
+
+async def _error_from_server(status: int, retries: int) -> tuple[ModelError, ScriptedModelServer]:
+    """The error a request ends in when the server answers every request with ``status``."""
+    server = await ScriptedModelServer(script=["never"], fail_times=100, fail_status=status).start()
+    try:
+        return await _error_from(server.url, retries), server
+    finally:
         await server.stop()
+
+
+async def test_persistent_overload_is_reported() -> None:
+    error, server = await _error_from_server(429, retries=2)
+    assert isinstance(error, ModelOverloaded)
     assert len(server.requests) == 3
-    assert "overloaded" in err.value.user_message()
+    assert "overloaded" in error.user_message()
 
 
 async def test_client_errors_are_not_retried() -> None:
-    server = await ScriptedModelServer(script=["x"], fail_times=5, fail_status=422).start()
-    client = TGIClient(server.url, retries=3, backoff_s=0.01)
-    try:
-        with pytest.raises(ModelError, match="422"):
-            await _collect(client)
-    finally:
-        await client.aclose()
-        await server.stop()
+    error, server = await _error_from_server(422, retries=3)
+    assert type(error) is ModelError and "422" in str(error)
     assert len(server.requests) == 1
 
 
 async def test_unreachable_server_is_overload_after_retries() -> None:
-    client = TGIClient("http://127.0.0.1:9", retries=1, backoff_s=0.01)
-    try:
-        with pytest.raises(ModelOverloaded):
-            await _collect(client)
-    finally:
-        await client.aclose()
+    assert isinstance(await _error_from("http://127.0.0.1:9", retries=1), ModelOverloaded)
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def _names_no_host(message: str, port: int) -> bool:
+    return "127.0.0.1" not in message and str(port) not in message and "http" not in message
+
+
+async def test_an_unreachable_server_is_not_named_to_the_user() -> None:
+    port = _closed_port()
+    error = await _error_from(f"http://127.0.0.1:{port}", retries=1)
+    assert isinstance(error, ModelOverloaded)
+    message = error.user_message()
+    assert _names_no_host(message, port), message
+    assert "not answering" in message
+    assert f"127.0.0.1:{port}" in str(error)  # the detail, for the log, keeps the address
+
+
+@pytest.mark.parametrize(("status", "kind"), [(422, ModelError), (500, ModelError), (503, ModelOverloaded)])
+async def test_server_errors_are_told_to_the_user_without_the_server_url(status: int,
+                                                                          kind: type[ModelError]) -> None:
+    error, server = await _error_from_server(status, retries=1)
+    assert type(error) is kind
+    message = error.user_message()
+    assert _names_no_host(message, server.port), message
+    assert f"HTTP {status}" in message
+    assert str(server.port) in str(error)

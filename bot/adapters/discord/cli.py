@@ -10,8 +10,9 @@ from typing import Any
 import discord
 import redis.asyncio as aioredis
 
+from bot import redis_conn
 from bot.adapters.discord.client import CodeloopBot, invite_url
-from bot.errors import ConfigError, QueueError
+from bot.errors import ConfigError
 from bot.settings import Settings
 
 
@@ -35,7 +36,7 @@ def main(args: argparse.Namespace) -> int:
 async def run(settings: Settings, args: argparse.Namespace) -> int:
     assert settings.discord_token is not None
     token = settings.discord_token.get_secret_value()
-    redis: aioredis.Redis[Any] = aioredis.from_url(settings.redis_url)
+    redis: aioredis.Redis[Any] = redis_conn.connect(settings)
     bot = CodeloopBot(settings, redis)
     try:
         if args.sync or args.invite:
@@ -51,10 +52,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
                 where = f"server {args.guild}" if guild else "all servers (may take up to an hour to show)"
                 print(f"registered {', '.join('/' + c.name for c in synced)} in {where}")
             return 0
-        try:
-            await redis.ping()
-        except (aioredis.ConnectionError, OSError) as exc:
-            raise QueueError(f"Redis is not reachable at {settings.redis_url} ({exc})") from None
+        await redis_conn.check(redis, settings)
         await _login(bot, token)
         bot.start_replies()
         try:

@@ -26,7 +26,7 @@ from bot.adapters.common import (
 from bot.adapters.discord import format as fmt
 from bot.adapters.discord.store import DiscordStore
 from bot.adapters.discord.views import running_view
-from bot.errors import InputRejected
+from bot.errors import CodeloopError, InputRejected
 from bot.jobs import Attachment, Conversation, Job, JobKind
 from bot.queue import JobQueue
 from bot.replies import reply_stream
@@ -44,6 +44,17 @@ def _attachment(att: discord.Attachment) -> Attachment:
 
 def _upload(att: discord.Attachment) -> Upload:
     return Upload(att.filename, att.size, att.content_type or "application/octet-stream")
+
+
+def _start_failure(exc: Exception) -> str:
+    """What the user is told when a job could not be started. Discord's own refusals (missing
+    permissions…) are theirs to fix and name no host of ours; anything else (a Redis error names
+    its address) stays in the log."""
+    if isinstance(exc, discord.HTTPException):
+        return str(exc)
+    if isinstance(exc, CodeloopError):
+        return exc.user_message()
+    return "something went wrong on our side; try again in a minute."
 
 
 class Intake:
@@ -103,7 +114,7 @@ class Intake:
         except Exception as exc:
             await self.store.release(str(interaction.user.id), job_id)
             log.exception("/code failed to start")
-            await interaction.edit_original_response(content=f"⚠️ Could not start: {exc}")
+            await interaction.edit_original_response(content=f"⚠️ Could not start: {_start_failure(exc)}")
 
     async def _thread(self, interaction: discord.Interaction[Any], head: str,
                       prompt: str) -> tuple[Conversation, Messageable]:
@@ -200,7 +211,7 @@ class Intake:
         except Exception as exc:
             await self.store.release(str(interaction.user.id), new_id)
             log.exception("re-run failed to start")
-            await interaction.followup.send(f"⚠️ Could not re-run: {exc}", ephemeral=True)
+            await interaction.followup.send(f"⚠️ Could not re-run: {_start_failure(exc)}", ephemeral=True)
 
     # --- jobs ----------------------------------------------------------------------------------
     def _job(self, job_id: str, idem: str, conversation: Conversation, user_id: int, text: str,

@@ -10,15 +10,16 @@ import asyncio
 import logging
 import signal
 
-import redis.asyncio as aioredis
 from aiohttp import web
 
+from bot import redis_conn
 from bot.adapters.slack.app import EVENTS_PATH, SlackAdapter
 from bot.errors import ConfigError
 from bot.replies import ReplyReader
 from bot.settings import Settings
 
 log = logging.getLogger("codeloop.slack")
+SLACK_POOL_SIZE = 64  # Redis connections; each event's listener holds one for its enqueue
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -56,15 +57,12 @@ def check(settings: Settings) -> None:
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Run until ``stop`` is set (or SIGINT/SIGTERM)."""
     stop = stop or _stop_on_signals()
-    # A burst of events (each listener holds a connection for its enqueue) must wait for a free
-    # connection, not fail: the default pool raises "Too many connections" past 100.
-    pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=64, timeout=10)
-    redis = aioredis.Redis(connection_pool=pool)
-    try:
-        # Open connections now: making one costs ~1 ms of CPU, which would land on the first burst's acks.
-        await asyncio.gather(*(redis.ping() for _ in range(16)))
-    except (OSError, aioredis.ConnectionError) as exc:
-        raise ConfigError(f"Redis is not reachable at {settings.redis_url} ({exc})") from None
+    # A burst of events (each listener holds a connection for its enqueue) waits for a free
+    # connection of the blocking pool instead of failing.
+    redis = redis_conn.connect(settings, max_connections=SLACK_POOL_SIZE)
+    await redis_conn.check(redis, settings)  # one clear line at start, not 30 s of reconnect retries
+    # Open connections now: making one costs ~1 ms of CPU, which would land on the first burst's acks.
+    await asyncio.gather(*(redis.ping() for _ in range(16)))
     adapter = SlackAdapter(settings, redis)
     reader = ReplyReader(redis, settings, "slack")
     rendering = asyncio.create_task(reader.run(adapter.renderer.handle, stop), name="slack-replies")

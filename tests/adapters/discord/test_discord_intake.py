@@ -69,6 +69,14 @@ async def test_code_defers_first_then_threads_and_enqueues(make_bot, fake_discor
     assert job.reply_stream == bot.settings.key("replies", "discord")
 
 
+async def test_code_enqueues_text_cleaned_of_lone_surrogates(make_bot, fake_discord, redis_client):
+    bot, gw = await make_bot()
+    payload, _, job = await _start(fake_discord, gw, redis_client, bot, "plot \udc00 y\x00 = x")
+    assert job.text == "plot \ufffd y = x"
+    header = fake_discord.messages[fake_discord.originals[payload["token"]]]
+    assert header["content"] == f"<@{ALICE}>: plot \ufffd y = x"
+
+
 async def test_code_in_a_disallowed_channel_is_refused_privately(make_bot, fake_discord, redis_client):
     bot, gw = await make_bot(discord_allowed_channels="999")
     payload = gw.slash(ALICE, "print(1)")

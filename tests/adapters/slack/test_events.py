@@ -32,6 +32,15 @@ async def test_mention_is_acked_enqueued_and_answered_in_a_thread(make_rig):
     assert json.loads(button["value"])["thread"] == event["ts"]
 
 
+async def test_a_lone_surrogate_in_the_text_is_enqueued_as_a_replacement_character(make_rig):
+    rig = await make_rig()
+    # json.dumps writes the lone surrogate as the escape "\\ud800", as a chat client's JSON can.
+    resp = await rig.post_event(event_body(mention("<@UBOT> plot \ud800 and\x00 more"), "EvSurrogate"))
+    assert resp.status == 200
+    [job] = await rig.jobs()
+    assert job.idempotency_key == "EvSurrogate" and job.text == "plot \ufffd and more"
+
+
 async def test_retried_delivery_makes_one_job_and_one_status_message(make_rig):
     rig = await make_rig()
     body = event_body(mention(), "EvRetry")
