@@ -1,4 +1,9 @@
-"""Running one job: input checks, uploads, the agent turn, events, state — and every way it ends."""
+"""Running one job: input checks, uploads, the agent turn, events, state — and every way it ends.
+
+The worker begins a job with ``JobQueue.begin`` (its turn, the conversation lock, the saved state)
+and every way a job ends goes through ``JobRun.finish``: the events still unsent, the terminal
+event, the new state, the ack and the lock's release in one script.
+"""
 
 from __future__ import annotations
 
@@ -18,11 +23,12 @@ from bot.agent.prompts import SYSTEM_PROMPT, files_note
 from bot.errors import CodeloopError, InputRejected, JobCancelled
 from bot.jobs import Event, Job
 from bot.llm.base import GenerationParams, ModelClient
+from bot.outbox import Outbox
 from bot.queue import Delivery, JobQueue
 from bot.ratelimit import RateLimited, RateLimiter
 from bot.sandbox_link import ThreadSandbox
 from bot.settings import Settings
-from bot.store import ConversationState, ConversationStore
+from bot.store import ConversationState, ConversationStore, trim_history
 
 if TYPE_CHECKING:
     from runner.manager import SandboxManager
@@ -45,6 +51,10 @@ class JobRun:
         self.settings = settings
         self.http = http
         self.seq = 0
+        self.outbox = Outbox(queue, self.job.reply_stream)
+        #: the conversation as ``begin`` found it, and the lock token ``begin`` took
+        self.state = ConversationState()
+        self.token = ""
         self.sandbox: ThreadSandbox | None = None
         self.task: asyncio.Task[Any] | None = None
         self.stopped = False
@@ -55,7 +65,13 @@ class JobRun:
                      payload=payload, meta=self.job.meta)
 
     async def emit(self, type_: str, payload: dict[str, Any]) -> None:
-        await self.queue.publish(self.job.reply_stream, self.event(type_, payload))
+        self.outbox.put(self.event(type_, payload))
+
+    async def finish(self, final: Event, state_mode: str = "keep") -> None:
+        """End the job: unsent events + ``final`` + state + done + ack + unlock, atomically."""
+        events = [*await self.outbox.drain(), final.dumps()]
+        state = self.store.encode(self.state) if state_mode == "set" else ""
+        await self.queue.finish(self.delivery, events, state_mode=state_mode, state=state, token=self.token)
 
     async def stop(self) -> None:
         """User pressed Stop: interrupt a running cell, or cancel generation."""
@@ -78,19 +94,20 @@ class JobRun:
         except RateLimited as exc:
             metrics.ERRORS.labels(exc.kind).inc()
             metrics.JOBS.labels(exc.kind).inc()
-            await self.queue.complete(self.delivery, self.event("error", {
+            await self.finish(self.event("error", {
                 "kind": exc.kind, "message": exc.user_message(), "retry_after_s": round(exc.retry_after_s, 1)}))
             return False
         return True
 
     async def execute(self) -> None:
-        """Run to a terminal event, then finish (publish + advance + ack) atomically."""
-        job = self.job
-        state = await self.store.load(job.conversation)
+        """Run to a terminal event, then finish (events + state + done + ack) atomically."""
+        job, state = self.job, self.state
         turn: Turn | None = None
+        mode = "set"
         try:
             if job.kind == "reset":
                 final = await self._reset(state)
+                mode = "del"
             else:
                 turn = self._turn(state)
                 self.task = asyncio.current_task()
@@ -103,20 +120,24 @@ class JobRun:
                 self.task.uncancel()
             final = self.event("final", {"text": (turn.partial or turn.final_text) if turn else "", "cancelled": True,
                                          "ok": False, "rounds": turn.rounds if turn else 0})
-            await self._save(state, turn)
+            self._record(state, turn)
             outcome = "cancelled"
         except CodeloopError as exc:
+            # the user sees exc.user_message(); the detail (hosts, library errors) is for the log only
+            log.warning("job %s ended with %s: %s", job.id, exc.kind, exc)
             metrics.ERRORS.labels(exc.kind).inc()
             final = self.event("error", {"kind": exc.kind, "message": exc.user_message()})
-            await self._save(state, turn)
+            self._record(state, turn)
             outcome = exc.kind
         except Exception as exc:
             log.exception("job %s failed", job.id)
             metrics.ERRORS.labels("internal").inc()
             final = self.event("error", {"kind": "internal",
                                          "message": f"Something went wrong on our side ({type(exc).__name__})."})
+            # keep the history as it was; a sandbox created meanwhile is already recorded
+            mode = "keep"
             outcome = "internal"
-        await self.queue.complete(self.delivery, final)
+        await self.finish(final, mode)
         metrics.JOBS.labels(outcome).inc()
         metrics.JOB_SECONDS.observe(max(0.0, time.time() - job.created_at))
 
@@ -134,13 +155,14 @@ class JobRun:
         if not text and not job.attachments:
             raise InputRejected("The message is empty: tell me what to do, e.g. `plot the first column of data.csv`.")
         self._check_uploads()
-        self.sandbox = ThreadSandbox(self.sandboxes, state, job.conversation.key, self.settings)
+        self.sandbox = ThreadSandbox(self.sandboxes, state, job.conversation.key, self.settings,
+                                     on_new_session=self._record_session)
         if job.attachments:
             await self.emit("status", {"text": "receiving files"})
             names = await self.sandbox.upload(job.attachments, self.http)
             text = f"{text}\n\n{files_note(names)}".strip()
         reply = await turn.run(text, self.emit, self.sandbox)
-        await self._save(state, turn)
+        self._record(state, turn)
         metrics.ROUNDS.observe(turn.rounds)
         return self.event("final", {"text": reply, "rounds": turn.rounds, "ok": True})
 
@@ -169,15 +191,23 @@ class JobRun:
     async def _reset(self, state: ConversationState) -> Event:
         if state.session_id:
             await self.sandboxes.destroy(state.session_id)
-        await self.store.delete(self.job.conversation)
         return self.event("final", {"text": "Started fresh: the conversation and its Python session were reset.",
                                     "rounds": 0, "ok": True, "reset": True})
 
-    async def _save(self, state: ConversationState, turn: Turn | None) -> None:
+    async def _record_session(self) -> None:
+        """A new container for this thread: store its id now, with the history as it was before this
+        job, so a worker that takes the job over after this one dies reattaches to it (one
+        container per thread, none left behind) instead of starting another."""
+        saved = ConversationState(history=self.state.history, session_id=self.state.session_id,
+                                  files=list(self.state.files), settings=self.state.settings, jobs=self.state.jobs)
+        await self.store.save(self.job.conversation, saved)
+
+    def _record(self, state: ConversationState, turn: Turn | None) -> None:
+        """The state ``finish`` will save: this turn's history and one more job."""
         if turn is not None:
             state.history = turn.history
             if state.history and state.history[-1]["role"] == "user":
                 # Keep turns alternating (some chat templates insist) when a reply was cut short.
                 state.history.append({"role": "assistant", "content": turn.partial or "(stopped)"})
+            state.history = trim_history(state.history, self.settings.history_chars)
         state.jobs += 1
-        await self.store.save(self.job.conversation, state)

@@ -1,8 +1,9 @@
 """Signals a worker listens to: Stop requests and conversations advancing their turn.
 
-One pub/sub connection per worker. ``wait_turn`` blocks a job until every earlier job of its
-conversation has finished; pub/sub wakes it at once, and a slow poll covers lost messages
-(pub/sub is fire-and-forget, e.g. across a Redis restart).
+One pub/sub connection per worker. A job waits until every earlier job of its conversation has
+finished: a job finished by this worker wakes the next one directly (``advance``), one finished
+elsewhere through pub/sub (published only when a later job exists), and a slow poll covers lost
+messages (pub/sub is fire-and-forget, e.g. across a Redis restart).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import redis.asyncio as aioredis
 
@@ -27,7 +28,8 @@ class Signals:
         self.redis = redis
         self.queue = queue
         self.on_cancel = on_cancel
-        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        #: conversation key -> (seq, wake-up) of each job here waiting for its turn
+        self._waiters: dict[str, set[tuple[int, asyncio.Event]]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
 
@@ -49,12 +51,15 @@ class Signals:
                 self._ready.set()
                 async for message in pubsub.listen():
                     channel = message["channel"].decode()
-                    key = message["data"].decode()
+                    data = message["data"].decode()
                     if channel == self.queue.cancel_channel:
-                        self.on_cancel(key)
+                        self.on_cancel(data)
                     else:
-                        for event in self._waiters.get(key, ()):
-                            event.set()
+                        done, _, key = data.partition(":")  # "<done seq>:<conversation key>"
+                        if done.isdigit():
+                            self.advance(key, int(done))
+                        else:  # a worker from before this format: wake the whole conversation
+                            self.advance(data)
             except (aioredis.ConnectionError, OSError) as exc:
                 log.warning("signal channel lost (%s); resubscribing in 1s", exc)
                 await asyncio.sleep(1.0)
@@ -62,20 +67,39 @@ class Signals:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
 
+    @contextlib.contextmanager
+    def waiter(self, conversation_key: str, seq: int) -> Iterator[asyncio.Event]:
+        """An event set when job ``seq`` of the conversation may be next; register before checking."""
+        entry = (seq, asyncio.Event())
+        self._waiters[conversation_key].add(entry)
+        try:
+            yield entry[1]
+        finally:
+            self._waiters[conversation_key].discard(entry)
+            if not self._waiters[conversation_key]:
+                del self._waiters[conversation_key]
+
+    def advance(self, conversation_key: str, done: int | None = None) -> None:
+        """Job ``done`` of the conversation finished: wake the job after it (only that one, so a
+        thread with a backlog costs one ``begin`` per job, not one per waiter). ``done=None``
+        wakes every waiter of the conversation."""
+        for seq, event in self._waiters.get(conversation_key, ()):
+            if done is None or seq <= done + 1:
+                event.set()
+
+    @staticmethod
+    async def sleep(wake: asyncio.Event) -> None:
+        """Until woken, or the poll period passed."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), timeout=POLL_S)
+        wake.clear()
+
     async def wait_turn(self, job: Job) -> None:
         """Return once the job before this one in its conversation has finished."""
-        key = job.conversation.key
-        wake = asyncio.Event()
-        self._waiters[key].add(wake)
-        try:
+        with self.waiter(job.conversation.key, job.seq) as wake:
             while True:
                 wake.clear()
                 done = int(await self.redis.get(self.queue.conv_key(job.conversation, "done")) or 0)
                 if done >= job.seq - 1:
                     return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), timeout=POLL_S)
-        finally:
-            self._waiters[key].discard(wake)
-            if not self._waiters[key]:
-                del self._waiters[key]
+                await self.sleep(wake)

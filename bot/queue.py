@@ -6,17 +6,24 @@ Keys (under the settings' prefix):
     idem:<event id>           idempotency key -> job id (TTL)
     conv:<key>:seq            last sequence number handed out in a conversation
     conv:<key>:done           last sequence number finished in a conversation
+    conv:<key>:lock           token of the delivery running the conversation's current job
+    conv:<key>:state          the conversation's state (``bot.store``)
     cancel (pub/sub)          Stop requests, by conversation key
-    turn (pub/sub)            a conversation advanced its ``done`` counter
+    turn (pub/sub)            "<done>:<conversation key>": a conversation advanced its ``done`` counter
 
 Ordering: enqueue assigns each job the next ``seq`` of its conversation atomically with the
 XADD, so stream order and seq order agree. A worker runs job ``seq`` only once ``done ==
-seq - 1`` (``bot.ordering``). Finishing publishes the final event, advances ``done`` and acks
-in one transaction-ordered step, so a redelivered job that already finished is only acked.
+seq - 1`` (``bot.ordering``).
+
+A job costs three round trips besides its share of XREADGROUP: the enqueue script, ``begin``
+(turn check + conversation lock + state load, or an ack if it already finished) and ``finish``
+(its unsent events + final + state + ``done`` + a wake-up for a later job + ack + unlock). A
+redelivered job that already finished is only acked, and its final is never published twice.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -27,6 +34,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from bot.autopipe import AutoPipeline, LuaScript
 from bot.errors import PoisonJob
 from bot.jobs import Conversation, Event, Job
 from bot.settings import Settings
@@ -36,7 +44,7 @@ log = logging.getLogger(__name__)
 GROUP = "workers"
 
 # KEYS: idem, seq, done, stream   ARGV: job id, idem ttl, conv ttl, job json, maxlen
-_ENQUEUE = """
+_ENQUEUE = LuaScript("""
 local existing = redis.call('GET', KEYS[1])
 if existing then return {0, existing, 0} end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
@@ -45,23 +53,76 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ARGV[3]) end
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'job', ARGV[4], 'seq', seq)
 return {1, ARGV[1], seq}
-"""
+""")
 
-# KEYS: done, stream, reply   ARGV: seq, conv ttl, group, entry id, event json, reply maxlen, turn channel,
-#       conversation key
-_COMPLETE = """
+# KEYS: done, lock, state, stream   ARGV: seq, lock token, lock ttl ms, group, entry id
+# One round trip to start a job: its turn, the conversation lock and the saved state.
+#   {'done', done}   finished before a crash hid its ack: acked here, nothing to run
+#   {'wait', done}   an earlier job of the conversation has not finished yet
+#   {'busy', pttl}   another delivery of this conversation holds the lock (a worker that died)
+#   {'ok', state}    the lock is ours; state is the conversation's JSON or nil
+_BEGIN = LuaScript("""
 local done = tonumber(redis.call('GET', KEYS[1]) or '0')
+local seq = tonumber(ARGV[1])
+if done >= seq then
+  redis.call('XACK', KEYS[4], ARGV[4], ARGV[5])
+  return {'done', done}
+end
+if done < seq - 1 then return {'wait', done} end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[2] then return {'busy', redis.call('PTTL', KEYS[2])} end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return {'ok', redis.call('GET', KEYS[3])}
+""")
+
+# KEYS: done, stream, reply, state, lock, seq
+# ARGV: seq, conv ttl, group, entry id, reply maxlen, turn channel, conversation key,
+#       state mode (keep | set | del), state json, lock token, events json...
+# One round trip to end a job: its remaining events (the final last), the new state, the
+# conversation's ``done`` counter, a wake-up for a later job, the ack and the lock's release.
+_FINISH = LuaScript("""
+local done = tonumber(redis.call('GET', KEYS[1]) or '0')
+local seq = tonumber(ARGV[1])
 -- done >= seq: this job's final is already out (a retried call whose first reply was lost in a
 -- Redis restart, or a duplicate delivery); publishing again would show the user two answers.
-if tonumber(ARGV[1]) > done then
-  if ARGV[5] ~= '' then
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'event', ARGV[5])
+if seq > done then
+  for i = 11, #ARGV do
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[i])
+  end
+  if ARGV[8] == 'set' then
+    redis.call('SET', KEYS[4], ARGV[9], 'EX', ARGV[2])
+  elseif ARGV[8] == 'del' then
+    redis.call('DEL', KEYS[4])
   end
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 end
-redis.call('PUBLISH', ARGV[7], ARGV[8])
+-- only a conversation with a later job has anyone waiting for this turn
+if tonumber(redis.call('GET', KEYS[6]) or '0') > seq then
+  redis.call('PUBLISH', ARGV[6], ARGV[1] .. ':' .. ARGV[7])
+end
+if ARGV[10] ~= '' and redis.call('GET', KEYS[5]) == ARGV[10] then
+  redis.call('DEL', KEYS[5])
+end
 return redis.call('XACK', KEYS[2], ARGV[3], ARGV[4])
-"""
+""")
+
+# KEYS: lock   ARGV: token   -> 1 if it was ours and is gone
+_UNLOCK = LuaScript("""
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+""")
+
+# KEYS: lock keys   ARGV: ttl ms, tokens (same order)   -> how many were still ours
+_RENEW = LuaScript("""
+local kept = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i + 1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+    kept = kept + 1
+  end
+end
+return kept
+""")
 
 
 @dataclass
@@ -69,6 +130,16 @@ class EnqueueResult:
     job_id: str
     created: bool
     seq: int
+
+
+@dataclass
+class Begin:
+    """What ``JobQueue.begin`` found: ``status`` is done / wait / busy / ok; ``state`` is the
+    conversation's saved JSON (ok only), ``value`` the done counter (wait) or lock's PTTL (busy)."""
+
+    status: str
+    state: str | None = None
+    value: int = 0
 
 
 @dataclass
@@ -93,8 +164,8 @@ class JobQueue:
         self.dead_stream = settings.key("dead")
         self.cancel_channel = settings.key("cancel")
         self.turn_channel = settings.key("turn")
-        self._enqueue = redis.register_script(_ENQUEUE)
-        self._complete = redis.register_script(_COMPLETE)
+        #: every script call goes through here: the calls of one event-loop tick share a round trip
+        self.scripts = AutoPipeline(redis)
 
     # --- keys ---------------------------------------------------------------------------------
     def conv_key(self, conversation: Conversation, name: str) -> str:
@@ -110,21 +181,11 @@ class JobQueue:
             await self.cancel(job.conversation)
             return EnqueueResult(job.id, True, 0)
         keys, args = self._enqueue_call(job, idem)
-        return self._enqueue_result(await self._enqueue(keys=keys, args=args))
+        return self._enqueue_result(await self.scripts.run(_ENQUEUE, keys, args))
 
     async def enqueue_many(self, jobs: list[Job]) -> list[EnqueueResult]:
-        """``enqueue`` for a burst, in one pipelined round trip (adapters batch concurrent acks)."""
-        batch = [job for job in jobs if job.kind != "stop"]
-        replies: list[Any] = []
-        if batch:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for job in batch:
-                    idem = self.settings.key("idem", job.conversation.platform, job.idempotency_key)
-                    keys, args = self._enqueue_call(job, idem)
-                    await self._enqueue(keys=keys, args=args, client=pipe)
-                replies = await pipe.execute()
-        results = iter(self._enqueue_result(r) for r in replies)
-        return [await self.enqueue(job) if job.kind == "stop" else next(results) for job in jobs]
+        """``enqueue`` for a burst; the enqueues share one round trip (``bot.autopipe``)."""
+        return list(await asyncio.gather(*(self.enqueue(job) for job in jobs)))
 
     def _enqueue_call(self, job: Job, idem: str) -> tuple[list[Any], list[Any]]:
         conv = job.conversation
@@ -184,20 +245,64 @@ class JobQueue:
         done = await self.redis.get(self.conv_key(job.conversation, "done"))
         return int(done or 0) >= job.seq
 
-    async def complete(self, delivery: Delivery, final: Event | None) -> None:
-        """Publish the terminal event, advance the conversation, and ack — in one script."""
-        job = delivery.job or delivery.envelope
+    async def begin(self, delivery: Delivery, token: str, lock_ttl_s: float) -> Begin:
+        """Turn check + conversation lock + state load in one script (see ``_BEGIN``)."""
+        job = delivery.job
         assert job is not None
-        await self._complete(
-            keys=[self.conv_key(job.conversation, "done"), self.stream, job.reply_stream],
-            args=[job.seq, self.settings.conversation_ttl_s, GROUP, delivery.entry_id,
-                  final.dumps() if final else "", self.settings.stream_maxlen, self.turn_channel,
-                  job.conversation.key],
+        conv = job.conversation
+        status, value = await self.scripts.run(
+            _BEGIN,
+            [self.conv_key(conv, "done"), self.conv_key(conv, "lock"), self.conv_key(conv, "state"), self.stream],
+            [job.seq, token, max(1, int(lock_ttl_s * 1000)), GROUP, delivery.entry_id],
+        )
+        status = status.decode() if isinstance(status, bytes) else str(status)
+        if status == "ok":
+            return Begin(status, value.decode() if isinstance(value, bytes) else value)
+        return Begin(status, value=int(value or 0))
+
+    async def finish(self, delivery: Delivery, events: list[str], *, state_mode: str = "keep", state: str = "",
+                     token: str = "") -> None:
+        """Publish the job's remaining events (terminal last), save or delete the conversation's
+        state, advance its turn, ack, and release the lock — atomically, in one script."""
+        job = delivery.job or delivery.envelope
+        assert job is not None and state_mode in ("keep", "set", "del")
+        conv = job.conversation
+        await self.scripts.run(
+            _FINISH,
+            [self.conv_key(conv, "done"), self.stream, job.reply_stream, self.conv_key(conv, "state"),
+             self.conv_key(conv, "lock"), self.conv_key(conv, "seq")],
+            [job.seq, self.settings.conversation_ttl_s, GROUP, delivery.entry_id, self.settings.stream_maxlen,
+             self.turn_channel, conv.key, state_mode, state, token, *events],
         )
 
+    async def complete(self, delivery: Delivery, final: Event | None) -> None:
+        """Publish the terminal event, advance the conversation, and ack — in one script."""
+        await self.finish(delivery, [final.dumps()] if final else [])
+
+    async def renew_locks(self, locks: list[tuple[str, str]], ttl_s: float) -> int:
+        """Extend conversation locks (key, token) still held by their token; returns how many were."""
+        if not locks:
+            return 0
+        return int(await self.scripts.run(_RENEW, [k for k, _ in locks],
+                                          [max(1, int(ttl_s * 1000)), *(t for _, t in locks)]))
+
+    async def unlock(self, key: str, token: str) -> bool:
+        """Release a conversation lock if ``token`` still holds it."""
+        return bool(await self.scripts.run(_UNLOCK, [key], [token]))
+
     async def publish(self, reply_stream: str, event: Event) -> None:
-        await self.redis.xadd(reply_stream, {"event": event.dumps()}, maxlen=self.settings.stream_maxlen,
-                              approximate=True)
+        await self.publish_many(reply_stream, [event.dumps()])
+
+    async def publish_many(self, reply_stream: str, events: list[str]) -> None:
+        """Append events (JSON) to a reply stream in one round trip, in order."""
+        if len(events) == 1:
+            await self.redis.xadd(reply_stream, {"event": events[0]}, maxlen=self.settings.stream_maxlen,
+                                  approximate=True)
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for raw in events:
+                pipe.xadd(reply_stream, {"event": raw}, maxlen=self.settings.stream_maxlen, approximate=True)
+            await pipe.execute()
 
     async def dead_letter(self, delivery: Delivery, reason: str, final: Event | None = None) -> None:
         """Move an entry to the dead-letter stream with its reason; the user is told via ``final``."""

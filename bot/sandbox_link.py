@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -32,8 +33,11 @@ def safe_filename(name: str) -> str:
 class ThreadSandbox:
     """Implements the agent's ``CodeRunner`` for one job of one conversation."""
 
-    def __init__(self, manager: SandboxManager, state: ConversationState, label: str, settings: Settings) -> None:
+    def __init__(self, manager: SandboxManager, state: ConversationState, label: str, settings: Settings,
+                 on_new_session: Callable[[], Awaitable[None]] | None = None) -> None:
         self.manager = manager
+        #: called when the thread gets a new container, to record its id before any code runs in it
+        self.on_new_session = on_new_session
         self.state = state
         self.label = label
         self.settings = settings
@@ -48,7 +52,10 @@ class ThreadSandbox:
             if note:
                 self.notes.append(note)
                 self.state.files.clear()
-            self.state.session_id = self.session.id
+            if self.state.session_id != self.session.id:
+                self.state.session_id = self.session.id
+                if self.on_new_session is not None:
+                    await self.on_new_session()
         return self.session
 
     async def run(self, code: str) -> tuple[ExecutionResult, list[str]]:

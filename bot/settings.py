@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, ge=1, description="deliveries before an entry is dead-lettered")
     lock_ttl_s: float = Field(30.0, gt=1)
     conversation_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    history_chars: int = Field(200_000, ge=1000, description="stored history per conversation, newest kept")
     idempotency_ttl_s: int = Field(24 * 3600, ge=60)
     stream_maxlen: int = Field(100_000, ge=1000)
 
@@ -73,6 +74,7 @@ class Settings(BaseSettings):
     sandbox_output_chars: int = Field(20_000, ge=1000, description="output kept inline; the rest as a file")
     sandbox_max_files: int = Field(20, ge=0)
     sandbox_max_file_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    sandbox_labels: CSV = Field(default_factory=list, description="extra container labels, key=value,key=value")
 
     # --- input limits ------------------------------------------------------------------------
     max_message_chars: int = Field(20_000, ge=100)
@@ -109,12 +111,22 @@ class Settings(BaseSettings):
 
     _split = field_validator(
         "stop",
+        "sandbox_labels",
         "slack_allowed_channels",
         "slack_allowed_users",
         "discord_allowed_guilds",
         "discord_allowed_channels",
         mode="before",
     )(_split_csv)
+
+    @field_validator("sandbox_labels")
+    @classmethod
+    def _labels_are_pairs(cls, value: list[str]) -> list[str]:
+        for item in value:
+            key, eq, _ = item.partition("=")
+            if not eq or not key.strip():
+                raise ValueError(f"{item!r} is not key=value")
+        return value
 
     @property
     def backend(self) -> Literal["tgi", "transformers"]:

@@ -1,14 +1,16 @@
 """Conversation state in Redis: history in the model's chat format, the sandbox session, files.
 
-One JSON document per conversation, written only when a job finishes, so a job re-run after a
-worker died starts from the state before it (never from half a turn). Expires after
-``conversation_ttl_s`` of inactivity.
+One JSON document per conversation. Workers read it when a job begins and write it in the same
+script that publishes the job's final event and acks it (``JobQueue.begin`` / ``finish``), so a
+job re-run after a worker died starts from the state before it (never from half a turn), and a
+turn's answer and its history are never out of step. Expires after ``conversation_ttl_s`` of
+inactivity.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -27,6 +29,23 @@ class ConversationState:
     jobs: int = 0
 
 
+def trim_history(history: list[ChatMessage], max_chars: int) -> list[ChatMessage]:
+    """The newest messages that fit in ``max_chars``, starting on a user turn; the newest user turn
+    and what follows it are always kept. The model never sees more than its context anyway
+    (``Turn`` fits each request); this bounds what every job of a long thread reads and writes."""
+    users = [i for i, m in enumerate(history) if m["role"] == "user"]
+    last_user = users[-1] if users else 0
+    total, start = 0, len(history)
+    for i in range(len(history) - 1, -1, -1):
+        total += len(history[i]["content"])
+        if total > max_chars and i < last_user:
+            break
+        start = i
+    while start < last_user and history[start]["role"] != "user":
+        start += 1
+    return history[start:]
+
+
 class ConversationStore:
     def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
         self.redis = redis
@@ -35,8 +54,14 @@ class ConversationStore:
     def _key(self, conversation: Conversation) -> str:
         return self.settings.key("conv", conversation.key, "state")
 
-    async def load(self, conversation: Conversation) -> ConversationState:
-        raw = await self.redis.get(self._key(conversation))
+    @staticmethod
+    def encode(state: ConversationState) -> str:
+        # Not dataclasses.asdict: it deep-copies every message, the bulk of a busy worker's CPU.
+        return json.dumps({"history": state.history, "session_id": state.session_id, "files": state.files,
+                           "settings": state.settings, "jobs": state.jobs})
+
+    @staticmethod
+    def decode(raw: str | bytes | None) -> ConversationState:
         if raw is None:
             return ConversationState()
         data = json.loads(raw)
@@ -48,8 +73,11 @@ class ConversationStore:
             jobs=int(data.get("jobs", 0)),
         )
 
+    async def load(self, conversation: Conversation) -> ConversationState:
+        return self.decode(await self.redis.get(self._key(conversation)))
+
     async def save(self, conversation: Conversation, state: ConversationState) -> None:
-        await self.redis.set(self._key(conversation), json.dumps(asdict(state)), ex=self.settings.conversation_ttl_s)
+        await self.redis.set(self._key(conversation), self.encode(state), ex=self.settings.conversation_ttl_s)
 
     async def delete(self, conversation: Conversation) -> None:
         await self.redis.delete(self._key(conversation))

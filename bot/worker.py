@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import redis.asyncio as aioredis
-from redis.asyncio.lock import Lock
 
 from bot import metrics, redis_conn
 from bot.jobrun import JobRun
@@ -66,7 +65,9 @@ class Worker:
         self.held: dict[str, JobRun | None] = {}  # entry id -> run (None while parked/waiting)
         self.running: dict[str, JobRun] = {}  # conversation key -> run
         self.tasks: set[asyncio.Task[None]] = set()
-        self.locks: dict[str, Lock] = {}
+        self.locks: dict[str, tuple[str, str]] = {}  # entry id -> (conversation lock key, token)
+        # A dead worker's lock must lapse by the time its entry is reclaimed, hence the min().
+        self._lock_ttl = min(settings.lock_ttl_s, settings.claim_idle_s)
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         #: called with each job's enqueue->pickup seconds (benchmarks)
@@ -181,31 +182,51 @@ class Worker:
                                    "was set aside. Please try again or rephrase it."})
             await self.queue.dead_letter(delivery, f"delivered {delivery.deliveries} times", final)
             return
-        if await self.queue.is_done(job):
-            await self.queue.complete(delivery, None)  # finished before a crash hid the ack
-            return
-        await self.signals.wait_turn(job)
-        # A dead worker's lock must lapse by the time its entry is reclaimed, hence the min().
-        ttl = min(self.settings.lock_ttl_s, self.settings.claim_idle_s)
-        lock = Lock(self.redis, self.queue.conv_key(job.conversation, "lock"), timeout=ttl, sleep=0.05)
         assert self.model is not None and self.sandboxes is not None
         run = JobRun(delivery, self.queue, self.store, self.model, self.sandboxes, self.settings, self.http)
-        if not await run.admit(self.limiter):
-            return
-        async with self.user_slots.hold(user_key(job)), self.slots:
-            await lock.acquire()
-            self.locks[delivery.entry_id] = lock
-            self.held[delivery.entry_id] = run
-            self.running[job.conversation.key] = run
-            token = metrics.log_context.set({"job": job.id, "conversation": job.conversation.key})
-            try:
-                await run.execute()
-            finally:
-                metrics.log_context.reset(token)
-                self.running.pop(job.conversation.key, None)
-                self.locks.pop(delivery.entry_id, None)
-                with contextlib.suppress(Exception):
-                    await lock.release()
+        if not await self._begin(run):
+            return  # finished before a crash hid its ack; begin acked it
+        try:
+            if await run.admit(self.limiter):
+                async with self.user_slots.hold(user_key(job)), self.slots:
+                    self.held[delivery.entry_id] = run
+                    self.running[job.conversation.key] = run
+                    token = metrics.log_context.set({"job": job.id, "conversation": job.conversation.key})
+                    try:
+                        await run.execute()
+                    finally:
+                        metrics.log_context.reset(token)
+                        self.running.pop(job.conversation.key, None)
+        except BaseException:
+            # Not finished (shutdown, or Redis gone at the finish): nothing runs it here any more, so
+            # let the next delivery take the thread at once rather than after the lock's TTL.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.queue.unlock(*self.locks[delivery.entry_id]))
+            raise
+        finally:
+            self.locks.pop(delivery.entry_id, None)
+        self.signals.advance(job.conversation.key, job.seq)  # finish released the lock with the ack
+
+    async def _begin(self, run: JobRun) -> bool:
+        """Wait for the job's turn, then take its conversation's lock and state (one script a try).
+        False when the job had already finished (its entry is acked now)."""
+        job = run.job
+        token = uuid.uuid4().hex
+        with self.signals.waiter(job.conversation.key, job.seq) as wake:
+            while True:
+                begin = await self.queue.begin(run.delivery, token, self._lock_ttl)
+                if begin.status == "done":
+                    return False
+                if begin.status == "ok":
+                    break
+                if begin.status == "busy":  # held by a delivery whose worker died: wait for it to lapse
+                    await asyncio.sleep(min(0.05, max(0.001, begin.value / 1000)))
+                else:
+                    await self.signals.sleep(wake)
+        run.token = token
+        run.state = self.store.decode(begin.state)
+        self.locks[run.delivery.entry_id] = (self.queue.conv_key(job.conversation, "lock"), token)
+        return True
 
     def _on_cancel(self, conversation_key: str) -> None:
         run = self.running.get(conversation_key)
@@ -220,9 +241,7 @@ class Worker:
             try:
                 await self.redis.set(self.settings.key("workers", self.name), "1", ex=max(2, int(period * 3)))
                 await self.queue.touch(self.name, list(self.held))
-                for lock in list(self.locks.values()):
-                    with contextlib.suppress(Exception):
-                        await lock.reacquire()
+                await self.queue.renew_locks(list(self.locks.values()), self._lock_ttl)
                 depth = await self.queue.depth()
                 for state, value in depth.items():
                     metrics.QUEUE_DEPTH.labels(state).set(value)

@@ -72,6 +72,8 @@ class SandboxConfig:
                 "max_file_bytes",
             )
         }
+        values["labels"] = dict(item.split("=", 1) for item in settings.sandbox_labels)
+        values["labels"].update(overrides.pop("labels", {}))
         values.update(overrides)
         return cls(**values)
 

@@ -190,7 +190,12 @@ class SandboxManager:
             return None  # never attach to a container that is not one of ours
         try:
             session = await SandboxSession.attach(self.api, info["Id"], self.config, self._on_session_end)
-            await session.ping()
+            if (await session.ping()).get("busy"):
+                # The caller holds the thread's lock, so no live worker runs a cell here: this is a
+                # cell of a worker that died mid-run. Its result has no one to go to; stop it so the
+                # re-run of the job doesn't queue behind it (a cell ignoring SIGINT is killed).
+                log.info("sandbox %s: interrupting a cell left running by a dead worker", session.id[:12])
+                await session.interrupt()
         except SessionLost:
             return None
         self._sessions[session.id] = session

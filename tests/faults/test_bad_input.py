@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from bot.jobs import Attachment, Conversation, Event, Job
-from bot.queue import JobQueue
+from bot.queue import _ENQUEUE, JobQueue
 from tests.faults.test_limits import UNLIMITED, terminals
 
 
@@ -26,7 +26,7 @@ async def enqueue_raw(queue: JobQueue, template: Job, raw: str) -> None:
     in its thread): a newer adapter during a rolling upgrade, or a producer not written in Python."""
     keys, args = queue._enqueue_call(template, queue.settings.key("idem", "test", template.idempotency_key))
     args[3] = raw
-    await queue._enqueue(keys=keys, args=args)
+    await queue.scripts.run(_ENQUEUE, keys, args)
 
 
 @pytest.fixture

@@ -1,0 +1,47 @@
+"""Auto-pipelined scripts: shared round trips, per-call errors, and scripts Redis forgot."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from bot.autopipe import AutoPipeline, LuaScript
+from bot.settings import Settings
+
+INCR = LuaScript("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+FAIL = LuaScript("return redis.error_reply('nope: ' .. ARGV[1])")
+
+
+async def test_calls_of_one_tick_share_a_round_trip(redis_client: aioredis.Redis, settings: Settings) -> None:
+    pipe = AutoPipeline(redis_client)
+    key = settings.key("n")
+    await redis_client.script_load(INCR.source)  # cached, as after a worker's first job
+    replies = await asyncio.gather(*(pipe.run(INCR, [key], [1]) for _ in range(50)))
+    assert sorted(replies) == list(range(1, 51))
+    assert (pipe.round_trips, pipe.calls) == (1, 50)
+    assert await pipe.run(INCR, [key], [5]) == 55  # a lone call goes out on its own
+    assert pipe.round_trips == 2
+
+
+async def test_one_failing_call_fails_alone(redis_client: aioredis.Redis, settings: Settings) -> None:
+    pipe = AutoPipeline(redis_client)
+    ok, bad = await asyncio.gather(pipe.run(INCR, [settings.key("n")], [2]), pipe.run(FAIL, [], ["x"]),
+                                   return_exceptions=True)
+    assert ok == 2, str(ok)
+    assert isinstance(bad, ResponseError) and "nope: x" in str(bad)
+
+
+@pytest.mark.parametrize("calls", [1, 3])
+async def test_scripts_are_reloaded_after_redis_forgot_them(redis_client: aioredis.Redis, settings: Settings,
+                                                            calls: int) -> None:
+    """A Redis restart empties its script cache; the call that meets NOSCRIPT loads and resends."""
+    script = LuaScript(f"return {{'{settings.key_prefix}', ARGV[1]}}")  # unique: not cached by another test
+    pipe = AutoPipeline(redis_client)
+    replies = await asyncio.gather(*(pipe.run(script, [], [i]) for i in range(calls)))
+    assert [r[1] for r in replies] == [str(i).encode() for i in range(calls)]
+    await redis_client.script_flush()
+    again = await asyncio.gather(*(pipe.run(script, [], [i]) for i in range(calls)))
+    assert again == replies
