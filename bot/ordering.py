@@ -2,14 +2,16 @@
 
 One pub/sub connection per worker. A job waits until every earlier job of its conversation has
 finished: a job finished by this worker wakes the next one directly (``advance``), one finished
-elsewhere through pub/sub (published only when a later job exists), and a slow poll covers lost
-messages (pub/sub is fire-and-forget, e.g. across a Redis restart).
+elsewhere through pub/sub (published only for jobs that found themselves early and said so in
+Redis, see ``conv:<key>:waiting``), and a poll backing off to a few seconds covers lost messages
+(pub/sub is fire-and-forget, e.g. across a Redis restart).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -20,7 +22,11 @@ from bot.jobs import Job
 from bot.queue import JobQueue
 
 log = logging.getLogger(__name__)
+#: a waiting job re-checks its turn after this long without a wake-up, doubling up to POLL_MAX_S:
+#: wake-ups cover every finish, so the poll only recovers one lost in a Redis restart, and a
+#: backlog of waiting jobs must not turn into a stream of re-checks
 POLL_S = 0.5
+POLL_MAX_S = 4.0
 
 
 class Signals:
@@ -88,18 +94,17 @@ class Signals:
                 event.set()
 
     @staticmethod
-    async def sleep(wake: asyncio.Event) -> None:
-        """Until woken, or the poll period passed."""
+    async def sleep(wake: asyncio.Event, tries: int = 0) -> None:
+        """Until woken, or the poll period of this many earlier tries passed."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), timeout=POLL_S)
+            await asyncio.wait_for(wake.wait(), timeout=min(POLL_MAX_S, POLL_S * 2 ** min(tries, 8)))
         wake.clear()
 
     async def wait_turn(self, job: Job) -> None:
         """Return once the job before this one in its conversation has finished."""
         with self.waiter(job.conversation.key, job.seq) as wake:
-            while True:
+            for tries in itertools.count():
                 wake.clear()
-                done = int(await self.redis.get(self.queue.conv_key(job.conversation, "done")) or 0)
-                if done >= job.seq - 1:
+                if await self.queue.turn(job) >= job.seq - 1:
                     return
-                await self.sleep(wake)
+                await self.sleep(wake, tries)

@@ -7,6 +7,7 @@ Keys (under the settings' prefix):
     conv:<key>:seq            last sequence number handed out in a conversation
     conv:<key>:done           last sequence number finished in a conversation
     conv:<key>:lock           token of the delivery running the conversation's current job
+    conv:<key>:waiting        highest seq found early by begin (finish publishes ``turn`` for it)
     conv:<key>:state          the conversation's state (``bot.store``)
     cancel (pub/sub)          Stop requests, by conversation key
     turn (pub/sub)            "<done>:<conversation key>": a conversation advanced its ``done`` counter
@@ -55,10 +56,11 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'job', ARGV[4], 'seq', 
 return {1, ARGV[1], seq}
 """)
 
-# KEYS: done, lock, state, stream   ARGV: seq, lock token, lock ttl ms, group, entry id
+# KEYS: done, lock, state, stream, waiting   ARGV: seq, lock token, lock ttl ms, group, entry id, conv ttl
 # One round trip to start a job: its turn, the conversation lock and the saved state.
 #   {'done', done}   finished before a crash hid its ack: acked here, nothing to run
-#   {'wait', done}   an earlier job of the conversation has not finished yet
+#   {'wait', done}   an earlier job of the conversation has not finished yet; ``waiting`` now
+#                    holds the highest seq waiting, so its finish publishes a wake-up
 #   {'busy', pttl}   another delivery of this conversation holds the lock (a worker that died)
 #   {'ok', state}    the lock is ours; state is the conversation's JSON or nil
 _BEGIN = LuaScript("""
@@ -68,14 +70,17 @@ if done >= seq then
   redis.call('XACK', KEYS[4], ARGV[4], ARGV[5])
   return {'done', done}
 end
-if done < seq - 1 then return {'wait', done} end
+if done < seq - 1 then
+  if seq > tonumber(redis.call('GET', KEYS[5]) or '0') then redis.call('SET', KEYS[5], seq, 'EX', ARGV[6]) end
+  return {'wait', done}
+end
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[2] then return {'busy', redis.call('PTTL', KEYS[2])} end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 return {'ok', redis.call('GET', KEYS[3])}
 """)
 
-# KEYS: done, stream, reply, state, lock, seq
+# KEYS: done, stream, reply, state, lock, waiting
 # ARGV: seq, conv ttl, group, entry id, reply maxlen, turn channel, conversation key,
 #       state mode (keep | set | del), state json, lock token, events json...
 # One round trip to end a job: its remaining events (the final last), the new state, the
@@ -96,14 +101,28 @@ if seq > done then
   end
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 end
--- only a conversation with a later job has anyone waiting for this turn
-if tonumber(redis.call('GET', KEYS[6]) or '0') > seq then
+-- Wake-ups only for jobs that asked (begin or wait_turn found them early); a worker wakes its
+-- own next job without one. The mark stays while a later job than the next one waits.
+local waiting = tonumber(redis.call('GET', KEYS[6]) or '0')
+if waiting > seq then
   redis.call('PUBLISH', ARGV[6], ARGV[1] .. ':' .. ARGV[7])
+end
+if waiting > 0 and waiting <= seq + 1 then
+  redis.call('DEL', KEYS[6])
 end
 if ARGV[10] ~= '' and redis.call('GET', KEYS[5]) == ARGV[10] then
   redis.call('DEL', KEYS[5])
 end
 return redis.call('XACK', KEYS[2], ARGV[3], ARGV[4])
+""")
+
+# KEYS: done, waiting   ARGV: seq, conv ttl   -> done; marks the job as waiting when it is early
+_TURN = LuaScript("""
+local done = tonumber(redis.call('GET', KEYS[1]) or '0')
+if done < tonumber(ARGV[1]) - 1 and tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[2]) or '0') then
+  redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+end
+return done
 """)
 
 # KEYS: lock   ARGV: token   -> 1 if it was ours and is gone
@@ -241,6 +260,12 @@ class JobQueue:
             idle = int(self.settings.claim_idle_s * 1000) + 1
             await self.redis.xclaim(self.stream, GROUP, consumer, 0, entry_ids, idle=idle, justid=True)
 
+    async def turn(self, job: Job) -> int:
+        """The conversation's ``done`` counter; marks ``job`` as waiting (for a wake-up) if it is early."""
+        conv = job.conversation
+        return int(await self.scripts.run(_TURN, [self.conv_key(conv, "done"), self.conv_key(conv, "waiting")],
+                                          [job.seq, self.settings.conversation_ttl_s]))
+
     async def is_done(self, job: Job) -> bool:
         done = await self.redis.get(self.conv_key(job.conversation, "done"))
         return int(done or 0) >= job.seq
@@ -252,8 +277,10 @@ class JobQueue:
         conv = job.conversation
         status, value = await self.scripts.run(
             _BEGIN,
-            [self.conv_key(conv, "done"), self.conv_key(conv, "lock"), self.conv_key(conv, "state"), self.stream],
-            [job.seq, token, max(1, int(lock_ttl_s * 1000)), GROUP, delivery.entry_id],
+            [self.conv_key(conv, "done"), self.conv_key(conv, "lock"), self.conv_key(conv, "state"), self.stream,
+             self.conv_key(conv, "waiting")],
+            [job.seq, token, max(1, int(lock_ttl_s * 1000)), GROUP, delivery.entry_id,
+             self.settings.conversation_ttl_s],
         )
         status = status.decode() if isinstance(status, bytes) else str(status)
         if status == "ok":
@@ -270,7 +297,7 @@ class JobQueue:
         await self.scripts.run(
             _FINISH,
             [self.conv_key(conv, "done"), self.stream, job.reply_stream, self.conv_key(conv, "state"),
-             self.conv_key(conv, "lock"), self.conv_key(conv, "seq")],
+             self.conv_key(conv, "lock"), self.conv_key(conv, "waiting")],
             [job.seq, self.settings.conversation_ttl_s, GROUP, delivery.entry_id, self.settings.stream_maxlen,
              self.turn_channel, conv.key, state_mode, state, token, *events],
         )

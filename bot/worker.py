@@ -18,6 +18,7 @@ import signal
 import socket
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -64,6 +65,8 @@ class Worker:
         self.user_slots = UserSlots(settings.worker_user_concurrency)
         self.held: dict[str, JobRun | None] = {}  # entry id -> run (None while parked/waiting)
         self.running: dict[str, JobRun] = {}  # conversation key -> run
+        #: conversation key -> seqs of its jobs this worker holds (read and not yet finished)
+        self.inflight: defaultdict[str, set[int]] = defaultdict(set)
         self.tasks: set[asyncio.Task[None]] = set()
         self.locks: dict[str, tuple[str, str]] = {}  # entry id -> (conversation lock key, token)
         # A dead worker's lock must lapse by the time its entry is reclaimed, hence the min().
@@ -145,6 +148,8 @@ class Worker:
             if self.pickup_observer is not None:
                 self.pickup_observer(waited)
         self.held[delivery.entry_id] = None
+        if delivery.job is not None:
+            self.inflight[delivery.job.conversation.key].add(delivery.job.seq)
         task = asyncio.create_task(self._handle(delivery))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -161,6 +166,11 @@ class Worker:
             self.held.pop(delivery.entry_id, None)
         finally:
             metrics.ACTIVE_JOBS.dec()
+            if delivery.job is not None:
+                key = delivery.job.conversation.key
+                self.inflight[key].discard(delivery.job.seq)
+                if not self.inflight[key]:
+                    del self.inflight[key]
 
     async def _process(self, delivery: Delivery) -> None:
         job = delivery.job
@@ -213,6 +223,11 @@ class Worker:
         job = run.job
         token = uuid.uuid4().hex
         with self.signals.waiter(job.conversation.key, job.seq) as wake:
+            waits = 0
+            if any(seq < job.seq for seq in self.inflight.get(job.conversation.key, ())):
+                # An earlier job of the thread is here: its finish wakes this one (``advance``), so
+                # don't ask Redis yet (nor have a wake-up published for it).
+                await self.signals.sleep(wake)
             while True:
                 begin = await self.queue.begin(run.delivery, token, self._lock_ttl)
                 if begin.status == "done":
@@ -222,7 +237,8 @@ class Worker:
                 if begin.status == "busy":  # held by a delivery whose worker died: wait for it to lapse
                     await asyncio.sleep(min(0.05, max(0.001, begin.value / 1000)))
                 else:
-                    await self.signals.sleep(wake)
+                    await self.signals.sleep(wake, waits)
+                    waits += 1
         run.token = token
         run.state = self.store.decode(begin.state)
         self.locks[run.delivery.entry_id] = (self.queue.conv_key(job.conversation, "lock"), token)

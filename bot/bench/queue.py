@@ -135,17 +135,30 @@ async def whole_path(url: str, producers: int, jobs: int, concurrency: int) -> t
 
 async def run(args: argparse.Namespace) -> None:
     for producers in args.producers:
-        raw_rate, raw_lat = await raw_loop(args.redis_url, producers, args.jobs)
-        rate, lat = await whole_path(args.redis_url, producers, args.jobs, args.concurrency)
-        common = {"producers": producers, "jobs": args.jobs}
-        emit("raw_stream_jobs_per_s", raw_rate, "jobs/s", **common)
-        emit("queue_jobs_per_s", rate, "jobs/s", baseline=round(raw_rate, 1), ratio=round(rate / raw_rate, 3),
+        raw_rates: list[float] = []
+        rates: list[float] = []
+        raw_lat: list[list[float]] = []
+        lat: list[list[float]] = []
+        for _ in range(args.repeat):  # alternated, so drift on a shared machine hits both alike
+            raw_rate, raw_l = await raw_loop(args.redis_url, producers, args.jobs)
+            rate, l_ = await whole_path(args.redis_url, producers, args.jobs, args.concurrency)
+            raw_rates.append(raw_rate)
+            rates.append(rate)
+            raw_lat.append(raw_l)
+            lat.append(l_)
+        raw_rate, rate = statistics.median(raw_rates), statistics.median(rates)
+        common = {"producers": producers, "jobs": args.jobs, "runs": args.repeat}
+        emit("raw_stream_jobs_per_s", raw_rate, "jobs/s", runs_values=[round(r) for r in raw_rates],
              **common)
-        emit("raw_enqueue_to_pickup_p50", statistics.median(raw_lat) * 1e3, "ms", **common)
-        emit("queue_enqueue_to_pickup_p50", statistics.median(lat) * 1e3, "ms",
-             baseline=round(statistics.median(raw_lat) * 1e3, 3), **common)
-        emit("queue_enqueue_to_pickup_p99", _pct(lat, 0.99) * 1e3, "ms",
-             baseline=round(_pct(raw_lat, 0.99) * 1e3, 3), **common)
+        emit("queue_jobs_per_s", rate, "jobs/s", baseline=round(raw_rate, 1), ratio=round(rate / raw_rate, 3),
+             runs_values=[round(r) for r in rates], **common)
+        raw_p50 = statistics.median(statistics.median(x) for x in raw_lat) * 1e3
+        raw_p99 = statistics.median(_pct(x, 0.99) for x in raw_lat) * 1e3
+        emit("raw_enqueue_to_pickup_p50", raw_p50, "ms", **common)
+        emit("queue_enqueue_to_pickup_p50", statistics.median(statistics.median(x) for x in lat) * 1e3, "ms",
+             baseline=round(raw_p50, 3), **common)
+        emit("queue_enqueue_to_pickup_p99", statistics.median(_pct(x, 0.99) for x in lat) * 1e3, "ms",
+             baseline=round(raw_p99, 3), **common)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -154,6 +167,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated producer counts (default 1,8)")
     parser.add_argument("--jobs", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=64, help="worker job slots")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each loop, alternated; medians reported")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -44,8 +44,9 @@ async def test_finish_publishes_in_order_acks_unlocks_and_is_idempotent(redis_cl
                                                                         settings: Settings) -> None:
     queue = JobQueue(redis_client, settings)
     reply = settings.key("r")
-    first, _ = await _two_jobs(queue, reply)
+    first, second = await _two_jobs(queue, reply)
     assert (await queue.begin(first, "t1", 5)).status == "ok"
+    assert (await queue.begin(second, "t2", 5)).status == "wait"  # asks for a wake-up
     events = ['{"n": 1}', '{"n": 2}', _final(first)]
     turn = redis_client.pubsub()
     await turn.subscribe(queue.turn_channel)
@@ -84,11 +85,14 @@ async def test_finish_leaves_a_lock_it_does_not_hold(redis_client: aioredis.Redi
     assert not await queue.unlock(lock, "mine") and await queue.unlock(lock, "someone-else")
 
 
-async def test_no_wakeup_is_published_without_a_later_job(redis_client: aioredis.Redis, settings: Settings) -> None:
+async def test_no_wakeup_is_published_when_no_job_asked(redis_client: aioredis.Redis, settings: Settings) -> None:
+    """A later job that never found itself early (its worker runs the one before it, or it was not
+    read yet) needs no message: the worker wakes it itself, or it will find its turn."""
     queue = JobQueue(redis_client, settings)
     await queue.ensure_group()
     await queue.enqueue(make_job(key="only", reply=settings.key("r")))
-    [only] = await queue.read("w", count=1, block_ms=100)
+    await queue.enqueue(make_job(key="later", reply=settings.key("r")))
+    [only, _] = await queue.read("w", count=2, block_ms=100)
     turn = redis_client.pubsub()
     await turn.subscribe(queue.turn_channel)
     await turn.get_message(timeout=1)
@@ -130,3 +134,28 @@ def test_trim_history_keeps_the_newest_turns_from_a_user_turn() -> None:
     assert trim_history(history, 10_000) == history  # type: ignore[arg-type]
     huge = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * 5000}]
     assert trim_history(huge, 100) == huge  # type: ignore[arg-type]  # the newest user turn always stays
+
+
+async def test_wakeups_continue_while_a_later_job_waits(redis_client: aioredis.Redis, settings: Settings) -> None:
+    """Jobs 2 and 3 wait on other workers: finishing 1 wakes (2), finishing 2 wakes (3), then none."""
+    queue = JobQueue(redis_client, settings)
+    await queue.ensure_group()
+    for key in "abc":
+        await queue.enqueue(make_job(key=key, reply=settings.key("r")))
+    first, second, third = await queue.read("w", count=3, block_ms=100)
+    turn = redis_client.pubsub()
+    await turn.subscribe(queue.turn_channel)
+    await turn.get_message(timeout=1)
+    assert (await queue.begin(first, "t1", 5)).status == "ok"
+    assert (await queue.begin(second, "t2", 5)).status == "wait"
+    assert await queue.turn(third.job) == 0  # type: ignore[arg-type]  # a poison-style wait marks it too
+    for n, (delivery, token) in enumerate([(first, "t1"), (second, "t2"), (third, "t3")], start=1):
+        if n > 1:
+            assert (await queue.begin(delivery, token, 5)).status == "ok"
+        await queue.finish(delivery, [_final(delivery)], token=token)
+        message = await turn.get_message(timeout=0.3)
+        if n < 3:
+            assert message is not None and message["data"].decode().startswith(f"{n}:")
+        else:
+            assert message is None
+    await turn.aclose()
