@@ -42,7 +42,7 @@ def rss_mib() -> float:
 
 
 @contextlib.asynccontextmanager
-async def model_server(replies: list[str]) -> AsyncIterator[str]:
+async def model_server(replies: list[str], fail_every: int = 0) -> AsyncIterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -51,6 +51,7 @@ async def model_server(replies: list[str]) -> AsyncIterator[str]:
         await asyncio.to_thread(script.write_text, json.dumps(replies))
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.fakes.model_server", "--port", str(port), "--script", str(script),
+            "--fail-every", str(fail_every),
             cwd=ROOT, stdout=asyncio.subprocess.DEVNULL)
         try:
             for _ in range(200):

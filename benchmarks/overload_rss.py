@@ -4,8 +4,10 @@ server (its own process), worker RSS printed every 1,000 jobs, one JSON object p
     .venv/bin/python -m benchmarks.overload_rss [--jobs 10000] [--redis-url URL]   (from the repo root)
 
 The worker, the producer and the final-event reader share this process; the producer keeps at
-most ``--window`` jobs in flight, so what grows is the worker's, not a backlog. One user sends
-every 50th job under a 30-a-minute limit, so the rate-limit error path is in the figures too.
+most ``--window`` jobs in flight, so what grows is the worker's, not a backlog. The model server
+is overloaded: every ``--fail-every``-th request gets a 429 or a 503, so the retry-with-backoff
+path runs hundreds of times. One user sends every 50th job under a 30-a-minute limit, so the
+rate-limit error path is in the figures too.
 The slope between the second and the last sample is the figure to watch: the first 1,000 jobs
 include warm-up (imports, pools, caches).
 """
@@ -25,10 +27,10 @@ from bot.queue import JobQueue
 
 
 async def run(args: argparse.Namespace) -> None:
-    async with model_server(["Sure, here is the answer: 42."]) as url:
+    async with model_server(["Sure, here is the answer: 42."], fail_every=args.fail_every) as url:
         # one user in 50 is limited to 30 a minute, so some jobs end in a rate-limit error
         settings = bench_settings(args.redis_url, url, worker_concurrency=16, worker_user_concurrency=16,
-                                  rate_user_per_min=30)
+                                  rate_user_per_min=30, llm_backoff_s=0.05)
         async with running_worker(settings):
             r = aioredis.from_url(args.redis_url)
             queue = JobQueue(r, settings)
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--every", type=int, default=1000)
     parser.add_argument("--window", type=int, default=64, help="jobs in flight")
+    parser.add_argument("--fail-every", type=int, default=7, help="every Nth model request fails (429/503)")
     asyncio.run(run(parser.parse_args()))
 
 

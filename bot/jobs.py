@@ -53,7 +53,9 @@ class Attachment(BaseModel):
 
 
 class Job(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # cache_strings="keys": pydantic's JSON string cache would otherwise fill with job ids, texts and
+    # event ids that never repeat (a worker's RSS creeping up by ~1 MiB before the cache is full)
+    model_config = ConfigDict(extra="ignore", cache_strings="keys")
 
     schema_version: Literal[1] = SCHEMA_VERSION
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
@@ -84,7 +86,7 @@ class Job(BaseModel):
 
 
 class Event(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", cache_strings="keys")
 
     job_id: str
     conversation: Conversation

@@ -46,6 +46,10 @@ def _status(exc: BaseException) -> int | None:
     return getattr(response, "status_code", None)
 
 
+async def _drop_authorization(request: httpx2.Request) -> None:
+    request.headers.pop("authorization", None)
+
+
 class TGIClient:
     def __init__(self, url: str, *, token: str | None = None, context_tokens: int = 16384,
                  timeout_s: float = 120.0, retries: int = 4, backoff_s: float = 0.5) -> None:
@@ -120,6 +124,11 @@ class TGIClient:
     def _request_client(self) -> AsyncInferenceClient:
         if self._http is None:
             self._http = get_async_session()
+            if not self._token:
+                # Without CODELOOP_LLM_TOKEN, huggingface_hub falls back to the host's Hugging Face login
+                # (HF_TOKEN, or the token file, read on every request) and sends it to whatever server
+                # llm_url names. That credential is not the model server's to see.
+                self._http.event_hooks["request"].append(_drop_authorization)
         client = AsyncInferenceClient(base_url=self.url, token=self._token, timeout=self._timeout_s)
         client._async_client = self._http  # not entered in its exit stack, so close() leaves it open
         return client

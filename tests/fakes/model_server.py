@@ -3,7 +3,8 @@
 Stands in for a GPU model server in tests. Replies come from a script:
   * a list of strings, served in order (the last one repeats), or
   * a function ``(messages) -> str`` for replies that depend on the conversation.
-It can also answer ``fail_times`` requests with ``fail_status`` (429/503) first, or stall.
+It can also answer ``fail_times`` requests with ``fail_status`` (429/503) first, every
+``fail_every``-th request with 429 and 503 in turn (an overloaded server, for benchmarks), or stall.
 
 Run standalone (for the compose smoke test):
     python -m tests.fakes.model_server --port 8080 --script replies.json
@@ -33,10 +34,13 @@ class ScriptedModelServer:
     chunk_delay_s: float = 0.0
     fail_times: int = 0
     fail_status: int = 429
+    fail_every: int = 0
     stall_s: float = 0.0
     host: str = "127.0.0.1"
     port: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
+    #: the Authorization header of each chat request (None when absent)
+    authorization: list[str | None] = field(default_factory=list)
     _served: int = 0
     _runner: web.AppRunner | None = None
 
@@ -80,10 +84,14 @@ class ScriptedModelServer:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
+        self.authorization.append(request.headers.get("Authorization"))
         if self.fail_times > 0:
             self.fail_times -= 1
             return web.json_response({"error": "Model is overloaded", "error_type": "overloaded"},
                                      status=self.fail_status)
+        if self.fail_every and len(self.requests) % self.fail_every == 0:
+            status = 429 if len(self.requests) // self.fail_every % 2 else 503
+            return web.json_response({"error": "Model is overloaded", "error_type": "overloaded"}, status=status)
         if self.stall_s:
             await asyncio.sleep(self.stall_s)
         reply = self.next_reply(body["messages"])
@@ -122,11 +130,13 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--script", help="JSON file with a list of reply strings")
+    parser.add_argument("--fail-every", type=int, default=0, help="answer every Nth request with 429/503")
     args = parser.parse_args()
     replies = json.load(open(args.script)) if args.script else ["Hello from the scripted model."]
 
     async def serve() -> None:
-        server = await ScriptedModelServer(script=replies, host=args.host, port=args.port).start()
+        server = await ScriptedModelServer(script=replies, host=args.host, port=args.port,
+                                           fail_every=args.fail_every).start()
         print(f"scripted model server on {server.url}", flush=True)
         await asyncio.Event().wait()
 

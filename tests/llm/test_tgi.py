@@ -114,3 +114,18 @@ async def test_server_errors_are_told_to_the_user_without_the_server_url(status:
     assert _names_no_host(message, server.port), message
     assert f"HTTP {status}" in message
     assert str(server.port) in str(error)
+
+
+async def test_the_hosts_hugging_face_login_is_not_sent_to_the_model_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub falls back to HF_TOKEN for a URL model; that token is not the server's to see."""
+    monkeypatch.setenv("HF_TOKEN", "hf_host_login_secret")
+    server = await ScriptedModelServer(script=["ok"]).start()
+    anonymous, keyed = TGIClient(server.url), TGIClient(server.url, token="server-key")
+    try:
+        assert "".join(await _collect(anonymous)) == "ok"
+        assert "".join(await _collect(keyed)) == "ok"
+    finally:
+        await anonymous.aclose()
+        await keyed.aclose()
+        await server.stop()
+    assert server.authorization == [None, "Bearer server-key"]
