@@ -13,6 +13,8 @@ a job's final event only while the conversation's ``done`` counter is behind it.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -77,6 +79,26 @@ def retry_policy() -> Retry:
     return LoggedRetry(ExponentialWithJitterBackoff(base=BACKOFF_BASE_S, cap=BACKOFF_CAP_S), RETRIES)
 
 
+@functools.cache
+def _client_identity() -> dict[str, Any]:
+    """How our connections name themselves to Redis (CLIENT LIST shows ``redis-py(codeloop_v…)``),
+    computed once: left to itself, redis-py reads its version from the package metadata for every
+    new connection (~1 ms of CPU each; a burst that grows the pool by 60 spent 60 ms on it)."""
+
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "0"
+
+    try:
+        from redis.driver_info import DriverInfo
+    except ImportError:  # redis-py before driver_info
+        return {"lib_version": version("redis")}
+    return {"driver_info": DriverInfo(lib_version=version("redis")).add_upstream_driver("codeloop",
+                                                                                        version("codeloop"))}
+
+
 def connect(settings: Settings, max_connections: int | None = None) -> aioredis.Redis:
     """The client every long-running command uses (worker, console, the Slack and Discord adapters).
 
@@ -85,7 +107,8 @@ def connect(settings: Settings, max_connections: int | None = None) -> aioredis.
     the pool's connections too."""
     size = max_connections or max(32, settings.worker_concurrency * 2 + 16)
     pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=size, timeout=30,
-                                                    retry=retry_policy(), health_check_interval=15)
+                                                    retry=retry_policy(), health_check_interval=15,
+                                                    **_client_identity())
     return aioredis.Redis.from_pool(pool)
 
 

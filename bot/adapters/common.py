@@ -5,20 +5,18 @@ results. What lives here: allowlists, input limits (long text, empty mention, ov
 binary uploads → a message the user can act on), cleaning request text of what cannot be
 encoded, the control words (``reset``, ``stop``), splitting long replies at a platform's limit
 without breaking a ``` code fence, and truncating long execution output with a pointer to the
-attached full text, and batching the enqueues of concurrent acks into one Redis round trip.
+attached full text. (Concurrent acks' enqueues share a Redis round trip in ``JobQueue`` itself.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 from bot.errors import InputRejected
-from bot.jobs import Job, JobKind
-from bot.queue import EnqueueResult, JobQueue
+from bot.jobs import JobKind
 from bot.settings import Settings
 
 FENCE = "```"
@@ -53,44 +51,6 @@ def is_allowed(allowlist: Sequence[str], *ids: str | None) -> bool:
 
 
 # --- acking bursts ----------------------------------------------------------------------------
-class EnqueueBatcher:
-    """``enqueue`` for handlers that ack concurrently: jobs submitted in the same event-loop turn
-    go to Redis in one pipelined round trip. Under a burst of 100 events this cuts the ack path's
-    Redis time several-fold; a lone event waits one loop turn, nothing more."""
-
-    def __init__(self, queue: JobQueue) -> None:
-        self.queue = queue
-        self._pending: list[tuple[Job, asyncio.Future[EnqueueResult]]] = []
-        self._inflight: set[asyncio.Task[None]] = set()
-
-    async def enqueue(self, job: Job) -> EnqueueResult:
-        future: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
-        if not self._pending:
-            asyncio.get_running_loop().call_soon(self._send)
-        self._pending.append((job, future))
-        return await future
-
-    def _send(self) -> None:
-        batch, self._pending = self._pending, []
-        task = asyncio.create_task(self._run(batch))
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
-
-    async def _run(self, batch: list[tuple[Job, asyncio.Future[EnqueueResult]]]) -> None:
-        try:
-            results = await self.queue.enqueue_many([job for job, _ in batch])
-        except BaseException as exc:  # every waiter must hear about it, or its ack hangs
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(result)
-
-
 # --- input limits ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class InputLimits:

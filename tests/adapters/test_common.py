@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 
@@ -144,47 +143,3 @@ def test_split_random_markdown_never_exceeds_limit_or_unbalances_fences():
         joined = "".join(c.replace("```python", "").replace("```sql", "").replace("```", "") for c in chunks)
         assert joined.replace("\n", "") == text.replace("```python", "").replace("```sql", "").replace(
             "```", "").replace("\n", "")
-
-
-async def test_batcher_enqueues_a_burst_in_one_round_trip_and_keeps_idempotency(redis_client, settings):
-    from bot.adapters.common import EnqueueBatcher
-    from bot.jobs import Conversation, Job
-    from bot.queue import JobQueue
-
-    queue = JobQueue(redis_client, settings)
-    batcher = EnqueueBatcher(queue)
-    sent: list[int] = []
-    real = queue.enqueue_many
-
-    async def counting(jobs):
-        sent.append(len(jobs))
-        return await real(jobs)
-
-    queue.enqueue_many = counting  # type: ignore[method-assign]
-
-    def job(i: int, key: str | None = None) -> Job:
-        return Job(idempotency_key=key or f"ev{i}", user="u", text=str(i), reply_stream="r",
-                   conversation=Conversation(platform="t", channel="c", thread=str(i % 3)))
-
-    results = await asyncio.gather(*(batcher.enqueue(job(i)) for i in range(30)), batcher.enqueue(job(99, "ev0")))
-    assert sent == [31]
-    assert [r.created for r in results] == [True] * 30 + [False]
-    assert results[30].job_id == results[0].job_id
-    # Per-conversation order follows submission order.
-    assert [r.seq for r in results[:9:3]] == [1, 2, 3]
-    assert await redis_client.xlen(settings.key("jobs")) == 30
-
-
-async def test_batcher_passes_redis_failures_to_every_waiter(settings):
-    import redis.asyncio as aioredis
-
-    from bot.adapters.common import EnqueueBatcher
-    from bot.jobs import Conversation, Job
-    from bot.queue import JobQueue
-
-    dead = aioredis.from_url("redis://127.0.0.1:1/0")  # nothing listens on port 1
-    batcher = EnqueueBatcher(JobQueue(dead, settings))
-    jobs = [Job(idempotency_key=f"e{i}", user="u", reply_stream="r",
-                conversation=Conversation(platform="t", channel="c", thread="t")) for i in range(3)]
-    results = await asyncio.gather(*(batcher.enqueue(j) for j in jobs), return_exceptions=True)
-    assert all(isinstance(r, aioredis.ConnectionError | OSError) for r in results), results

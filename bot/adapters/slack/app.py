@@ -23,7 +23,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.adapters.common import EnqueueBatcher, is_allowed
+from bot.adapters.common import is_allowed
 from bot.adapters.slack.inbound import (
     RESET_SHORTCUT,
     STOP_ACTION,
@@ -65,7 +65,6 @@ class SlackAdapter:
         self.redis = redis
         self.client = client or make_client(settings)
         self.queue = JobQueue(redis, settings)
-        self.batcher = EnqueueBatcher(self.queue)
         self.reply_stream = reply_stream(settings, "slack")
         self.renderer = SlackRenderer(self.client, redis, settings, edit_interval=edit_interval)
         secret = settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else None
@@ -120,7 +119,8 @@ class SlackAdapter:
 
     # --- helpers --------------------------------------------------------------------------------------
     async def _submit(self, job: Job) -> EnqueueResult:
-        result = await self.batcher.enqueue(job)
+        # concurrent acks' enqueues share a round trip (JobQueue's scripts are auto-pipelined)
+        result = await self.queue.enqueue(job)
         log.info("slack %s job %s for %s (%s)", job.kind, result.job_id, job.conversation.key,
                  "new" if result.created else "duplicate")
         return result
