@@ -235,7 +235,7 @@ class Worker:
                 if begin.status == "ok":
                     break
                 if begin.status == "busy":  # held by a delivery whose worker died: wait for it to lapse
-                    await asyncio.sleep(min(0.05, max(0.001, begin.value / 1000)))
+                    await asyncio.sleep(min(0.05, begin.value / 1000) if begin.value > 0 else 0.05)
                 else:
                     await self.signals.sleep(wake, waits)
                     waits += 1
