@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REDIS_URL
 
 
@@ -17,9 +19,10 @@ def run_bench(*args: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
-def test_bench_queue_prints_whole_path_beside_raw() -> None:
+@pytest.mark.parametrize("consumer", ["same", "own"])
+def test_bench_queue_prints_whole_path_beside_raw(consumer: str) -> None:
     figures = {f["name"]: f for f in run_bench("queue", "--producers", "2", "--jobs", "200", "--repeat", "1",
-                                               "--redis-url", REDIS_URL)}
+                                               "--consumer", consumer, "--redis-url", REDIS_URL)}
     assert set(figures) == {"raw_stream_jobs_per_s", "queue_jobs_per_s", "raw_enqueue_to_pickup_p50",
                             "queue_enqueue_to_pickup_p50", "queue_enqueue_to_pickup_p99"}
     queue = figures["queue_jobs_per_s"]
