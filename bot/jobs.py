@@ -7,6 +7,7 @@ or carries an unknown schema version is poison: it is dead-lettered with the rea
 from __future__ import annotations
 
 import base64
+import functools
 import time
 import uuid
 from typing import Any, Literal
@@ -32,8 +33,8 @@ class Conversation(BaseModel):
     channel: str
     thread: str
 
-    @property
-    def key(self) -> str:
+    @functools.cached_property
+    def key(self) -> str:  # frozen, so computed once (a worker asks ~20 times per job)
         return f"{self.platform}/{self.workspace}/{self.channel}/{self.thread}"
 
 

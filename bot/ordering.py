@@ -97,7 +97,8 @@ class Signals:
     async def sleep(wake: asyncio.Event, tries: int = 0) -> None:
         """Until woken, or the poll period of this many earlier tries passed."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), timeout=min(POLL_MAX_S, POLL_S * 2 ** min(tries, 8)))
+            async with asyncio.timeout(min(POLL_MAX_S, POLL_S * 2 ** min(tries, 8))):  # no task, unlike wait_for
+                await wake.wait()
         wake.clear()
 
     async def wait_turn(self, job: Job) -> None:
