@@ -13,6 +13,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
+import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext
@@ -43,13 +44,16 @@ log = logging.getLogger(__name__)
 EVENTS_PATH = "/slack/events"
 
 
-def make_client(settings: Settings) -> AsyncWebClient:
-    """The Web API client: base URL from settings; 429s wait for Retry-After, blips are retried."""
+def make_client(settings: Settings, session: aiohttp.ClientSession | None = None) -> AsyncWebClient:
+    """The Web API client: base URL from settings; 429s wait for Retry-After, blips are retried.
+    Pass ``session`` to reuse connections: without one, slack_sdk opens a session (and a TCP and
+    TLS connection to Slack) for every call."""
     settings.require("slack_bot_token")
     assert settings.slack_bot_token is not None
     return AsyncWebClient(
         token=settings.slack_bot_token.get_secret_value(),
         base_url=settings.slack_api_url,
+        session=session,
         retry_handlers=[
             AsyncConnectionErrorRetryHandler(max_retry_count=2),
             AsyncRateLimitErrorRetryHandler(max_retry_count=5),
@@ -63,7 +67,12 @@ class SlackAdapter:
                  *, edit_interval: float = 1.0) -> None:
         self.settings = settings
         self.redis = redis
-        self.client = client or make_client(settings)
+        #: the Web API's connections, kept alive across calls (ours to close when we made it)
+        self._http: aiohttp.ClientSession | None = None
+        if client is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+            client = make_client(settings, self._http)
+        self.client = client
         self.queue = JobQueue(redis, settings)
         self.reply_stream = reply_stream(settings, "slack")
         self.renderer = SlackRenderer(self.client, redis, settings, edit_interval=edit_interval)
@@ -153,6 +162,8 @@ class SlackAdapter:
     async def close(self) -> None:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.renderer.close()
+        if self._http is not None:
+            await self._http.close()
 
 
 async def _healthz(request: web.Request) -> web.Response:

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from bot.adapters.slack.app import EVENTS_PATH, SlackAdapter, make_client
+from bot.adapters.slack.app import EVENTS_PATH, SlackAdapter
 from bot.jobs import Job
 from bot.replies import ReplyReader
 from bot.settings import Settings
@@ -113,7 +113,7 @@ async def make_rig(fake_slack: FakeSlackAPI, slack_settings: Callable[..., Setti
 
     async def factory(edit_interval: float = 0.2, **overrides: Any) -> Rig:
         settings = slack_settings(**overrides)
-        adapter = SlackAdapter(settings, redis_client, make_client(settings), edit_interval=edit_interval)
+        adapter = SlackAdapter(settings, redis_client, edit_interval=edit_interval)
         runner = web.AppRunner(adapter.web_app(), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
