@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     sandbox_user: str = "10001:10001"
     sandbox_idle_ttl_s: float = Field(1800.0, gt=0)
     sandbox_pool_size: int = Field(2, ge=0, le=256)
+    sandbox_pool_claim_ttl_s: float = Field(60.0, gt=0, description="a warm container unpinged this long exits")
     sandbox_output_chars: int = Field(20_000, ge=1000, description="output kept inline; the rest as a file")
     sandbox_max_files: int = Field(20, ge=0)
     sandbox_max_file_bytes: int = Field(10 * 1024 * 1024, ge=1024)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from bot.settings import Settings
 
 #: image label checked at start: an image built from an older executor is refused, not half-used
-PROTOCOL = "1"
+PROTOCOL = "2"
 SUPERVISOR = ["python", "-u", "/opt/codeloop/supervisor.py"]
 DATA_DIR = "/mnt/data"
 SESSION_LABEL = "codeloop.session"
@@ -39,6 +39,8 @@ class SandboxConfig:
     user: str = "10001:10001"
     idle_ttl_s: float = 1800.0
     pool_size: int = 2
+    #: a warm container no thread has taken exits after this long without its worker's ping
+    pool_claim_ttl_s: float = 60.0
     output_chars: int = 20_000
     max_files: int = 20
     max_file_bytes: int = 10 * 1024 * 1024
@@ -67,6 +69,7 @@ class SandboxConfig:
                 "user",
                 "idle_ttl_s",
                 "pool_size",
+                "pool_claim_ttl_s",
                 "output_chars",
                 "max_files",
                 "max_file_bytes",
@@ -82,11 +85,13 @@ class SandboxConfig:
         uid, _, gid = self.user.partition(":")
         return uid, gid or uid
 
-    def command(self) -> list[str]:
+    def command(self, claim_ttl_s: float = 0.0) -> list[str]:
         return [
             *SUPERVISOR,
             "--idle-ttl",
             f"{self.idle_ttl_s:g}",
+            "--claim-ttl",
+            f"{claim_ttl_s:g}",
             "--timeout",
             f"{self.cell_timeout_s:g}",
             "--grace",
@@ -137,12 +142,13 @@ def host_config(api: Any, config: SandboxConfig) -> dict[str, Any]:
     return result
 
 
-def container_spec(api: Any, config: SandboxConfig, label: str) -> dict[str, Any]:
-    """The engine's container config for one sandbox (for ``APIClient.create_container_from_config``)."""
+def container_spec(api: Any, config: SandboxConfig, label: str, claim_ttl_s: float = 0.0) -> dict[str, Any]:
+    """The engine's container config for one sandbox (for ``APIClient.create_container_from_config``);
+    ``claim_ttl_s`` > 0 for a warm-pool container (see the supervisor's ``--claim-ttl``)."""
     spec: dict[str, Any] = api.create_container_config(
         **{
             "image": config.image,
-            "command": config.command(),
+            "command": config.command(claim_ttl_s),
             "user": config.user,
             # Explicit and minimal: nothing of the worker's environment (tokens, URLs) is passed on.
             "environment": {

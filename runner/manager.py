@@ -14,7 +14,7 @@ from typing import Any
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
-from bot.errors import SandboxUnavailable, SessionLost
+from bot.errors import SandboxError, SandboxUnavailable, SessionLost
 from runner.config import POOL_LABEL, PROTOCOL, SESSION_LABEL, SandboxConfig, container_spec, slug
 from runner.session import SandboxSession
 
@@ -39,6 +39,7 @@ class SandboxManager:
         self._refill = asyncio.Event()
         self._pool_full = asyncio.Event()
         self._refill_task: asyncio.Task[None] | None = None
+        self._keepalive_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
     @property
@@ -87,10 +88,11 @@ class SandboxManager:
             )
         if self.config.pool_size > 0 and self._refill_task is None:
             self._refill_task = asyncio.create_task(self._refill_loop())
+            self._keepalive_task = asyncio.create_task(self._keepalive_loop())
 
     # --- containers -------------------------------------------------------------------------
-    async def _create(self, label: str) -> SandboxSession:
-        spec = container_spec(self.api, self.config, label)
+    async def _create(self, label: str, claim_ttl_s: float = 0.0) -> SandboxSession:
+        spec = container_spec(self.api, self.config, label, claim_ttl_s)
         try:
             created = await asyncio.to_thread(self.api.create_container_from_config, spec, None)
         except ImageNotFound:
@@ -124,7 +126,7 @@ class SandboxManager:
         while True:
             while len(self._pool) < self.config.pool_size:
                 try:
-                    self._pool.append(await self._create(POOL_LABEL))
+                    self._pool.append(await self._create(POOL_LABEL, self.config.pool_claim_ttl_s))
                     backoff = 0.5
                 except (SandboxUnavailable, SessionLost) as exc:
                     log.warning("sandbox pool refill failed: %s (retrying in %.1f s)", exc, backoff)
@@ -133,6 +135,16 @@ class SandboxManager:
             self._pool_full.set()
             self._refill.clear()
             await self._refill.wait()
+
+    async def _keepalive_loop(self) -> None:
+        """Ping the warm pool: its containers exit after ``pool_claim_ttl_s`` without a ping, so a
+        worker killed with its pool (kill -9, OOM, a lost host) leaves no container for long."""
+        period = max(0.2, self.config.pool_claim_ttl_s / 3)
+        while True:
+            await asyncio.sleep(period)
+            for session in list(self._pool):
+                with contextlib.suppress(SandboxError):
+                    await session.ping()  # a lost one ends and leaves the pool through _on_session_end
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -221,11 +233,12 @@ class SandboxManager:
 
     async def aclose(self) -> None:
         """Stop the pool and remove its unused containers; live sessions stay for reattach."""
-        if self._refill_task is not None:
-            self._refill_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refill_task
-            self._refill_task = None
+        for task in (self._refill_task, self._keepalive_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._refill_task = self._keepalive_task = None
         pool, self._pool = self._pool, []
         for session in pool:
             await self.destroy(session.id)

@@ -4,7 +4,9 @@ The worker talks to it over the container's attach stream (the network is off, s
 It forks the kernel (kernel.py) that holds the user's namespace, drains and caps its output,
 enforces the cell timeout (SIGINT, then SIGKILL and a fresh kernel), reports OOM kills and crashes,
 returns files changed under /mnt/data, and exits after the idle TTL so an abandoned session is
-reaped even if every worker died (the container is created with auto-remove). Stdlib only.
+reaped even if every worker died (the container is created with auto-remove). A warm-pool
+container no thread has taken yet (``--claim-ttl``) lives only while its worker keeps pinging
+it: a worker killed with its pool leaves nothing behind for long. Stdlib only.
 
 Requests: {"id", "op": run|put|reset|interrupt|ping, ...}; every reply carries the request's id.
 """
@@ -38,6 +40,8 @@ class Supervisor:
         self.fds: dict[str, int] = {}
         self.n = 0
         self.last_active = time.monotonic()
+        #: a pool container is unclaimed until its first request other than a ping
+        self.claimed = opts.claim_ttl <= 0
         self.inbuf = bytearray()
         self.ctlbuf = bytearray()
         self.out = Output(opts.max_file_bytes, opts.output_chars)
@@ -157,6 +161,8 @@ class Supervisor:
     def handle(self, req: dict[str, Any]) -> None:
         self.last_active = time.monotonic()
         op, rid = req.get("op"), req.get("id")
+        if op != "ping":
+            self.claimed = True
         if op == "ping":
             self.send(
                 {"id": rid, "ok": True, "busy": self.cell is not None, "idle_ttl_s": self.opts.idle_ttl}
@@ -287,9 +293,10 @@ class Supervisor:
             while self.cell is None and self.queue:
                 self.handle(self.queue.popleft())
             if self.cell is None:
-                timeout = max(0.0, self.last_active + self.opts.idle_ttl - time.monotonic())
+                ttl = self.opts.idle_ttl if self.claimed else self.opts.claim_ttl
+                timeout = max(0.0, self.last_active + ttl - time.monotonic())
                 if timeout == 0.0:
-                    return  # idle TTL: exiting ends the container, which removes itself
+                    return  # idle (or unclaimed) TTL: exiting ends the container, which removes itself
             else:
                 base = self.cell["interrupted_at"]
                 due = self.cell["deadline"] if base is None else base + self.opts.grace
@@ -328,6 +335,7 @@ class Supervisor:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--idle-ttl", type=float, default=1800.0)
+    parser.add_argument("--claim-ttl", type=float, default=0.0, help="pool container: exit unpinged this long")
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--grace", type=float, default=1.0)
     parser.add_argument("--output-chars", type=int, default=20_000)
