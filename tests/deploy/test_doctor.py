@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from bot import cli
+from runner.config import PROTOCOL
 from tests.conftest import REDIS_URL
 
 BASE_IMAGE = "codeloop/base:bookworm"
@@ -74,7 +75,7 @@ def sandbox_image() -> Iterator[str]:
     """A stand-in sandbox image: the base plus the protocol label the runner checks."""
     client = docker.from_env()
     tag = f"codeloop-test-doctor:{uuid.uuid4().hex[:8]}"
-    dockerfile = f"FROM {BASE_IMAGE}\nLABEL codeloop.sandbox.protocol=1\n"
+    dockerfile = f"FROM {BASE_IMAGE}\nLABEL codeloop.sandbox.protocol={PROTOCOL}\n"
     client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True)
     yield tag
     client.images.remove(tag, force=True)
