@@ -33,8 +33,7 @@ def trim_history(history: list[ChatMessage], max_chars: int) -> list[ChatMessage
     """The newest messages that fit in ``max_chars``, starting on a user turn; the newest user turn
     and what follows it are always kept. The model never sees more than its context anyway
     (``Turn`` fits each request); this bounds what every job of a long thread reads and writes."""
-    users = [i for i, m in enumerate(history) if m["role"] == "user"]
-    last_user = users[-1] if users else 0
+    last_user = next((i for i in range(len(history) - 1, -1, -1) if history[i]["role"] == "user"), 0)
     total, start = 0, len(history)
     for i in range(len(history) - 1, -1, -1):
         total += len(history[i]["content"])
