@@ -38,6 +38,7 @@ from redis.exceptions import ResponseError
 from bot.autopipe import AutoPipeline, LuaScript
 from bot.errors import PoisonJob
 from bot.jobs import Conversation, Event, Job
+from bot.redis_conn import claim_once
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,17 @@ log = logging.getLogger(__name__)
 GROUP = "workers"
 
 # KEYS: idem, seq, done, stream   ARGV: job id, idem ttl, conv ttl, job json, maxlen
+# The idempotency key holds "<job id>:<seq>". Found with this call's own job id, it is this call
+# run again (redis-py resends a command whose reply a Redis restart lost): still "created", or the
+# adapter would take its own new job for a platform retry and never show it to the user.
 _ENQUEUE = LuaScript("""
 local existing = redis.call('GET', KEYS[1])
-if existing then return {0, existing, 0} end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if existing then
+  local id, seq = string.match(existing, '^([^:]*):?(%d*)$')
+  return {id == ARGV[1] and 1 or 0, id, tonumber(seq) or 0}
+end
 local seq = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. seq, 'EX', ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ARGV[3]) end
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'job', ARGV[4], 'seq', seq)
@@ -195,7 +202,7 @@ class JobQueue:
         """Add a job once per idempotency key; a Stop is sent straight to the running worker."""
         idem = self.settings.key("idem", job.conversation.platform, job.idempotency_key)
         if job.kind == "stop":
-            if not await self.redis.set(idem, job.id, nx=True, ex=self.settings.idempotency_ttl_s):
+            if not await claim_once(self.redis, idem, self.settings.idempotency_ttl_s, token=job.id):
                 return EnqueueResult(job.id, False, 0)
             await self.cancel(job.conversation)
             return EnqueueResult(job.id, True, 0)

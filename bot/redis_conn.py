@@ -17,6 +17,7 @@ import functools
 import importlib.metadata
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -123,3 +124,17 @@ async def check(redis: aioredis.Redis, settings: Settings) -> None:
                          "(`redis-server --daemonize yes`) or set CODELOOP_REDIS_URL.") from None
     finally:
         await probe.aclose()
+
+
+async def claim_once(redis: aioredis.Redis, key: str, ttl_s: int, token: str | None = None) -> bool:
+    """SET NX that survives its own retry: True for the first caller, once per key.
+
+    Our clients resend a command whose reply a Redis restart lost. A plain SET NX run twice answers
+    "already set" to the very caller that set it — an event would then count as seen and never be
+    rendered. The key holds the caller's ``token`` (unique per call unless given), so a resent SET
+    is recognised as ours."""
+    token = token or uuid.uuid4().hex
+    if await redis.set(key, token, nx=True, ex=ttl_s):
+        return True
+    holder = await redis.get(key)
+    return (holder.decode() if isinstance(holder, bytes) else holder) == token

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from bot.jobs import Event
+from bot.redis_conn import claim_once
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class ReplyReader:
         """True the first time this (job, seq) — or this job's terminal event — is seen."""
         slot = "terminal" if event.terminal else str(event.seq)
         key = self.settings.key("rendered", event.job_id, slot)
-        return bool(await self.redis.set(key, 1, nx=True, ex=self.settings.idempotency_ttl_s))
+        return await claim_once(self.redis, key, self.settings.idempotency_ttl_s)
 
     async def run(self, handler: Handler, stop: asyncio.Event | None = None, block_ms: int = 1000) -> None:
         """Render events until ``stop`` is set. Our own pending entries (from a crash) go first."""

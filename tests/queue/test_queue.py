@@ -105,8 +105,25 @@ async def test_stop_job_is_published_not_queued(redis_client: aioredis.Redis, se
     job = make_job(key="stop-1")
     job.kind = "stop"
     assert (await queue.enqueue(job)).created
-    assert not (await queue.enqueue(job)).created
+    again = make_job(key="stop-1")  # the platform delivering the press again
+    again.kind = "stop"
+    assert not (await queue.enqueue(again)).created
+    assert (await queue.enqueue(job)).created  # our own SET resent after a lost reply
     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
     assert message is not None and message["data"].decode() == job.conversation.key
     assert await redis_client.exists(queue.stream) == 0
     await pubsub.aclose()
+
+
+async def test_a_resent_enqueue_is_still_the_callers_own_job(redis_client: aioredis.Redis, settings: Settings) -> None:
+    """redis-py resends a command whose reply was lost with the connection (a Redis restart): the
+    second run of the script must still tell the adapter it created the job, or the adapter takes
+    its own job for a platform retry and never renders it. A real retry (a new Job) is a duplicate."""
+    queue = JobQueue(redis_client, settings)
+    job = make_job(key="EvLost")
+    first = await queue.enqueue(job)
+    resent = await queue.enqueue(job)  # the same call again: same Job, same id
+    retry = await queue.enqueue(make_job(key="EvLost"))  # the platform redelivering the event
+    assert (first.created, resent.created, retry.created) == (True, True, False)
+    assert first.job_id == resent.job_id == retry.job_id and first.seq == resent.seq == retry.seq == 1
+    assert await redis_client.xlen(queue.stream) == 1

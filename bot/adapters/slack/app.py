@@ -37,6 +37,7 @@ from bot.adapters.slack.inbound import (
 from bot.adapters.slack.render import SlackRenderer
 from bot.jobs import Job
 from bot.queue import EnqueueResult, JobQueue
+from bot.redis_conn import claim_once
 from bot.replies import reply_stream
 from bot.settings import Settings
 
@@ -140,7 +141,7 @@ class SlackAdapter:
         if result is None:
             # No job to deduplicate on: a retried delivery must not repeat the refusal.
             key = self.settings.key("slack", "notice", event_id)
-            if not await self.redis.set(key, 1, nx=True, ex=self.settings.idempotency_ttl_s):
+            if not await claim_once(self.redis, key, self.settings.idempotency_ttl_s):
                 return
         self.spawn(self.renderer.notify(inbound.where, inbound.user, inbound.notices, inbound.ephemeral))
 
