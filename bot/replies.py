@@ -2,8 +2,9 @@
 
 Each adapter kind has one reply stream (``<prefix>:replies:<adapter>``) read through a consumer
 group, so a restarted adapter resumes where it left off and replicas share the work. Before an
-event is rendered, ``rendered:<job>:<seq>`` is claimed with SET NX; a terminal event is claimed
-once per job, so a job re-run after a worker died never shows two final replies.
+event is rendered, ``rendered:<job>:<seq>`` is claimed once (``redis_conn.claim_once``: a SET NX
+that recognises its own resend after a Redis restart); a terminal event is claimed once per job,
+so a job re-run after a worker died never shows two final replies.
 """
 
 from __future__ import annotations
