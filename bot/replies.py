@@ -25,6 +25,9 @@ from bot.settings import Settings
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Event], Awaitable[None]]
+PENDING_CHECK_S = 2.0  # how often a reader re-reads entries delivered to it but not acked
+ORPHAN_CHECK_S = 30.0
+ORPHAN_IDLE_S = 60.0  # an entry pending this long belongs to a replica that died
 
 
 def reply_stream(settings: Settings, adapter: str) -> str:
@@ -53,11 +56,21 @@ class ReplyReader:
         return await claim_once(self.redis, key, self.settings.idempotency_ttl_s)
 
     async def run(self, handler: Handler, stop: asyncio.Event | None = None, block_ms: int = 1000) -> None:
-        """Render events until ``stop`` is set. Our own pending entries (from a crash) go first."""
+        """Render events until ``stop`` is set. Our own pending entries (from a crash) go first, and
+        are looked at again every ``PENDING_CHECK_S``: an XREADGROUP whose reply a Redis restart lost
+        was resent by the client and moved past entries that are now delivered to us but unseen.
+        Entries a dead replica left pending are taken over after ``ORPHAN_IDLE_S``."""
         await self.ensure_group()
         start_id = "0"  # first drain what this consumer had pending, then new entries
+        loop = asyncio.get_running_loop()
+        next_pending = next_orphans = loop.time() + PENDING_CHECK_S
         while stop is None or not stop.is_set():
             try:
+                if loop.time() >= next_orphans:
+                    next_orphans = loop.time() + ORPHAN_CHECK_S
+                    await self._take_orphans(handler)
+                if start_id == ">" and loop.time() >= next_pending:
+                    start_id = "0"
                 resp = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: start_id},
                                                    count=64, block=None if start_id == "0" else block_ms)
             except (ConnectionError, OSError, aioredis.ConnectionError) as exc:
@@ -67,11 +80,21 @@ class ReplyReader:
             entries = [e for _, batch in resp or [] for e in batch]
             if start_id == "0" and not entries:
                 start_id = ">"
+                next_pending = loop.time() + PENDING_CHECK_S
                 continue
             for entry_id, fields in entries:
                 await self._handle(entry_id, fields, handler)
 
-    async def _handle(self, entry_id: bytes | str, fields: dict[bytes, bytes], handler: Handler) -> None:
+    async def _take_orphans(self, handler: Handler) -> None:
+        resp = await self.redis.xautoclaim(self.stream, self.group, self.consumer, int(ORPHAN_IDLE_S * 1000),
+                                           "0-0", count=64)
+        for entry_id, fields in (resp[1] if resp else []):
+            await self._handle(entry_id, fields, handler)
+
+    async def _handle(self, entry_id: bytes | str, fields: dict[bytes, bytes] | None, handler: Handler) -> None:
+        if not fields:  # trimmed away while pending
+            await self.redis.xack(self.stream, self.group, entry_id)
+            return
         raw = fields.get(b"event") or fields.get("event")  # type: ignore[call-overload]
         try:
             event = Event.loads(raw) if raw is not None else None
