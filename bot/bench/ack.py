@@ -70,17 +70,7 @@ async def _bench(args: argparse.Namespace) -> int:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
             await _wait_ready(http, f"http://127.0.0.1:{api_port}/healthz", api_proc)
             await _wait_ready(http, f"http://127.0.0.1:{port}/healthz", child)
-            # One event first: bolt's auth.test and the first Redis connections are start-up cost.
-            await _deliver(http, url, secret, [_event(0, 0)], retry=0)
-            latencies: list[float] = []
-            for r in range(1, args.rounds + 1):
-                bodies = [_event(r, i) for i in range(args.events)]
-                for retry in range(args.retries + 1):
-                    await asyncio.sleep(args.gap_s)
-                    burst = await _deliver(http, url, secret, bodies, retry)
-                    print(json.dumps({"bench": "ack", "figure": "burst", "round": r, "retry": retry,
-                                      "p50": round(statistics.median(burst), 2), "max": round(max(burst), 2)}))
-                    latencies += burst
+            latencies = await _bursts(http, url, secret, args, args.retries, report=True)
             floor = await _floor(http, secret, args)
         await asyncio.sleep(0.2)
         jobs = await redis.xlen(settings.key("jobs")) - 1  # minus the warm-up event
@@ -120,26 +110,45 @@ async def _floor(http: aiohttp.ClientSession, secret: str, args: argparse.Namesp
     proc.start()
     try:
         await _wait_ready(http, f"http://127.0.0.1:{port}/healthz", proc)
-        url = f"http://127.0.0.1:{port}/slack/events"
-        await _deliver(http, url, secret, [_event(0, 0)], retry=0)
-        latencies: list[float] = []
-        for r in range(1, args.rounds + 1):
-            await asyncio.sleep(args.gap_s)
-            latencies += await _deliver(http, url, secret, [_event(r, i) for i in range(args.events)], retry=0)
-        return latencies
+        return await _bursts(http, f"http://127.0.0.1:{port}/slack/events", secret, args, retries=0, report=False)
     finally:
         proc.terminate()
         proc.join(10)
+
+
+async def _bursts(http: aiohttp.ClientSession, url: str, secret: str, args: argparse.Namespace, retries: int,
+                  report: bool) -> list[float]:
+    """One warm-up event (bolt's auth.test and the first connections are start-up cost), then
+    ``args.rounds`` bursts of ``args.events``, each delivered ``retries`` more times; latencies in ms."""
+    await _deliver(http, url, secret, [_event(0, 0)], retry=0)
+    latencies: list[float] = []
+    for r in range(1, args.rounds + 1):
+        bodies = [_event(r, i) for i in range(args.events)]
+        for retry in range(retries + 1):
+            await asyncio.sleep(args.gap_s)
+            burst = await _deliver(http, url, secret, bodies, retry)
+            if report:
+                print(json.dumps({"bench": "ack", "figure": "burst", "round": r, "retry": retry,
+                                  "p50": round(statistics.median(burst), 2), "max": round(max(burst), 2)}))
+            latencies += burst
+    return latencies
+
+
+def _serve_http(port: int, routes: list[web.RouteDef]) -> None:
+    """A bench-side HTTP server in its own process, with /healthz for ``_wait_ready``."""
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.add_routes([*routes, web.get("/healthz", healthz)])
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
 def _serve_floor(port: int) -> None:
     async def ok(_: web.Request) -> web.Response:
         return web.Response(text="")
 
-    app = web.Application()
-    app.router.add_post("/slack/events", ok)
-    app.router.add_get("/healthz", ok)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+    _serve_http(port, [web.post("/slack/events", ok)])
 
 
 def _serve(overrides: dict[str, Any]) -> None:
@@ -196,13 +205,7 @@ def _serve_web_api(port: int) -> None:
             return web.json_response({"ok": True, "user_id": "UBOT", "bot_id": "BBOT", "team_id": "TBENCH"})
         return web.json_response({"ok": True, "ts": f"{time.time():.6f}", "channel": "C"})
 
-    async def healthz(_: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_post("/api/{method}", handle)
-    app.router.add_get("/healthz", healthz)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, handle_signals=True)
+    _serve_http(port, [web.post("/api/{method}", handle)])
 
 
 async def _wait_ready(http: aiohttp.ClientSession, url: str, child: Any) -> None:

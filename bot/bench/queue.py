@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import multiprocessing
 import signal
@@ -210,33 +211,32 @@ async def whole_path(url: str, producers: int, jobs: int, concurrency: int,
 
 
 async def run(args: argparse.Namespace) -> None:
-    for split in args.split:
-        for producers in args.producers:
-            raw_rates: list[float] = []
-            rates: list[float] = []
-            raw_lat: list[list[float]] = []
-            lat: list[list[float]] = []
-            for _ in range(args.repeat):  # alternated, so drift on a shared machine hits both alike
-                raw_rate, raw_l = await raw_loop(args.redis_url, producers, args.jobs, split)
-                rate, l_ = await whole_path(args.redis_url, producers, args.jobs, args.concurrency, split)
-                raw_rates.append(raw_rate)
-                rates.append(rate)
-                raw_lat.append(raw_l)
-                lat.append(l_)
-            raw_rate, rate = statistics.median(raw_rates), statistics.median(rates)
-            common = {"producers": producers, "jobs": args.jobs, "runs": args.repeat,
-                      "consumer": "own process" if split else "same process"}
-            emit("raw_stream_jobs_per_s", raw_rate, "jobs/s", runs_values=[round(r) for r in raw_rates],
-                 **common)
-            emit("queue_jobs_per_s", rate, "jobs/s", baseline=round(raw_rate, 1), ratio=round(rate / raw_rate, 3),
-                 runs_values=[round(r) for r in rates], **common)
-            raw_p50 = statistics.median(statistics.median(x) for x in raw_lat) * 1e3
-            raw_p99 = statistics.median(_pct(x, 0.99) for x in raw_lat) * 1e3
-            emit("raw_enqueue_to_pickup_p50", raw_p50, "ms", **common)
-            emit("queue_enqueue_to_pickup_p50", statistics.median(statistics.median(x) for x in lat) * 1e3, "ms",
-                 baseline=round(raw_p50, 3), **common)
-            emit("queue_enqueue_to_pickup_p99", statistics.median(_pct(x, 0.99) for x in lat) * 1e3, "ms",
-                 baseline=round(raw_p99, 3), **common)
+    for split, producers in itertools.product(args.split, args.producers):
+        raw_rates: list[float] = []
+        rates: list[float] = []
+        raw_lat: list[list[float]] = []
+        lat: list[list[float]] = []
+        for _ in range(args.repeat):  # alternated, so drift on a shared machine hits both alike
+            raw_rate, raw_l = await raw_loop(args.redis_url, producers, args.jobs, split)
+            rate, l_ = await whole_path(args.redis_url, producers, args.jobs, args.concurrency, split)
+            raw_rates.append(raw_rate)
+            rates.append(rate)
+            raw_lat.append(raw_l)
+            lat.append(l_)
+        raw_rate, rate = statistics.median(raw_rates), statistics.median(rates)
+        common = {"producers": producers, "jobs": args.jobs, "runs": args.repeat,
+                  "consumer": "own process" if split else "same process"}
+        emit("raw_stream_jobs_per_s", raw_rate, "jobs/s", runs_values=[round(r) for r in raw_rates],
+             **common)
+        emit("queue_jobs_per_s", rate, "jobs/s", baseline=round(raw_rate, 1), ratio=round(rate / raw_rate, 3),
+             runs_values=[round(r) for r in rates], **common)
+        raw_p50 = statistics.median(statistics.median(x) for x in raw_lat) * 1e3
+        raw_p99 = statistics.median(_pct(x, 0.99) for x in raw_lat) * 1e3
+        emit("raw_enqueue_to_pickup_p50", raw_p50, "ms", **common)
+        emit("queue_enqueue_to_pickup_p50", statistics.median(statistics.median(x) for x in lat) * 1e3, "ms",
+             baseline=round(raw_p50, 3), **common)
+        emit("queue_enqueue_to_pickup_p99", statistics.median(_pct(x, 0.99) for x in lat) * 1e3, "ms",
+             baseline=round(raw_p99, 3), **common)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
