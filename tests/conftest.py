@@ -28,7 +28,7 @@ REDIS_URL = os.environ.get("CODELOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never see the developer's CODELOOP_* variables."""
     for name in list(os.environ):
-        if name.startswith("CODELOOP_") and name != "CODELOOP_TEST_REDIS_URL":
+        if name.startswith("CODELOOP_") and not name.startswith("CODELOOP_TEST_"):
             monkeypatch.delenv(name, raising=False)
 
 
@@ -49,6 +49,7 @@ def make_settings(key_prefix: str) -> Callable[..., Settings]:
             "llm_url": "http://127.0.0.1:9",  # replaced by tests that talk to a model
             "sandbox_pool_size": 0,
             "llm_backoff_s": 0.01,
+            "sandbox_image": os.environ.get("CODELOOP_TEST_SANDBOX_IMAGE", "codeloop-sandbox:latest"),
         }
         base.update(overrides)
         return Settings.load(**base)

@@ -7,6 +7,7 @@ image fails the run loudly instead of skipping, because CI always has both.
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -18,7 +19,8 @@ from runner.config import SandboxConfig
 from runner.manager import SandboxManager
 from runner.session import SandboxSession
 
-IMAGE = "codeloop-sandbox:latest"
+#: CODELOOP_TEST_SANDBOX_IMAGE lets a branch test its own build of the image beside main's
+IMAGE = os.environ.get("CODELOOP_TEST_SANDBOX_IMAGE", "codeloop-sandbox:latest")
 TEST_LABEL = "codeloop.test"
 
 
