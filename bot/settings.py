@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     sandbox_output_chars: int = Field(20_000, ge=1000, description="output kept inline; the rest as a file")
     sandbox_max_files: int = Field(20, ge=0)
     sandbox_max_file_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    #: all files one cell hands back, together (the host re-checks it; bounds every reply's size)
+    sandbox_max_total_file_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     sandbox_labels: CSV = Field(default_factory=list, description="extra container labels, key=value,key=value")
 
     # --- input limits ------------------------------------------------------------------------

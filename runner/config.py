@@ -44,6 +44,8 @@ class SandboxConfig:
     output_chars: int = 20_000
     max_files: int = 20
     max_file_bytes: int = 10 * 1024 * 1024
+    #: all files of one cell together; bounds the largest legitimate reply the host accepts
+    max_total_file_bytes: int = 32 * 1024 * 1024
     #: after an interrupt, how long the cell may take to stop before the kernel is killed
     interrupt_grace_s: float = 1.0
     #: container create + start + executor ready
@@ -73,6 +75,7 @@ class SandboxConfig:
                 "output_chars",
                 "max_files",
                 "max_file_bytes",
+                "max_total_file_bytes",
             )
         }
         values["labels"] = dict(item.split("=", 1) for item in settings.sandbox_labels)
@@ -102,6 +105,8 @@ class SandboxConfig:
             str(self.max_files),
             "--max-file-bytes",
             str(self.max_file_bytes),
+            "--max-total-file-bytes",
+            str(self.max_total_file_bytes),
         ]
 
 

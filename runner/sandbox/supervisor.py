@@ -341,6 +341,7 @@ def main() -> None:
     parser.add_argument("--output-chars", type=int, default=20_000)
     parser.add_argument("--max-files", type=int, default=20)
     parser.add_argument("--max-file-bytes", type=int, default=10 * 1024 * 1024)
+    parser.add_argument("--max-total-file-bytes", type=int, default=32 * 1024 * 1024)
     opts = parser.parse_args()
     cache, seed = os.environ.get("MPLCONFIGDIR"), "/opt/codeloop/mpl"
     if cache and os.path.isdir(seed):
