@@ -6,11 +6,32 @@ import asyncio
 import time
 from typing import Any
 
+import docker
 import redis.asyncio as aioredis
 
 from bot.jobs import Job
 from bot.queue import JobQueue
 from tests.queue.test_worker import finals, job
+
+
+async def _cell_started(key_prefix: str) -> None:
+    """Wait for the positive signal that the cell is past its first line: the file it writes first."""
+
+    def probe() -> bool:
+        client = docker.from_env()
+        try:
+            for container in client.containers.list(filters={"label": f"codeloop.test={key_prefix}"}):
+                if container.exec_run(["test", "-e", "/tmp/started"]).exit_code == 0:
+                    return True
+            return False
+        finally:
+            client.close()
+
+    for _ in range(600):
+        if await asyncio.to_thread(probe):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the cell never started")
 
 
 async def _stop(queue: JobQueue, j: Job) -> float:
@@ -21,8 +42,9 @@ async def _stop(queue: JobQueue, j: Job) -> float:
 
 
 async def test_stop_during_a_cell_interrupts_it_and_the_session_survives(
-        start_worker: Any, model_server: Any, redis_client: aioredis.Redis) -> None:
-    model_server.script = ["```python\nkeep = 'still here'\nimport time\nwhile True: time.sleep(0.05)\n```",
+        start_worker: Any, model_server: Any, redis_client: aioredis.Redis, key_prefix: str) -> None:
+    model_server.script = ["```python\nkeep = 'still here'\nopen('/tmp/started', 'w').close()\n"
+                           "import time\nwhile True: time.sleep(0.05)\n```",
                            "```python\nprint(keep)\n```", "ok"]
     worker = await start_worker(sandbox_cell_timeout_s=60)
     queue = JobQueue(redis_client, worker.settings)
@@ -33,7 +55,7 @@ async def test_stop_during_a_cell_interrupts_it_and_the_session_survives(
         if any(b'"type":"code"' in f[b"event"] for _, f in await redis_client.xrange(reply)):
             break
         await asyncio.sleep(0.025)
-    await asyncio.sleep(0.3)  # the cell is running now
+    await _cell_started(key_prefix)
     t0 = await _stop(queue, first)
     [(_, final)] = await finals(redis_client, reply, 1, timeout=10)
     assert time.monotonic() - t0 < 5  # not the 60 s cell timeout (a figure, not a budget: see bench)
