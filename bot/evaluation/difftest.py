@@ -206,6 +206,18 @@ def prepare(reference: str, entry_point: str, inputs_json: str, recipe: str | No
     return tuple(budgets)
 
 
+SHOWN_CHARS = 1000
+
+
+def shown(value: Any) -> str:
+    """A value as printed in feedback, its middle cut when long (inputs can be 10^5-element lists)."""
+    text = str(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    half = SHOWN_CHARS // 2
+    return f"{text[:half]} ...[{len(text) - 2 * half} characters cut]... {text[-half:]}"
+
+
 def _own_traceback(exc: BaseException) -> str:
     """The exception as Python prints it, from the model's first frame on (this module's frames cut)."""
     tb = exc.__traceback__
@@ -227,13 +239,14 @@ def verdict(namespace: dict[str, Any], entry_point: str, group: str, nonce: str)
         try:
             out, expired = call_with_limit(fn, copy.deepcopy(inp), limit)
         except Exception as exc:
-            print(f"Input: {inp}\n{_own_traceback(exc)}", end="")
+            print(f"Input: {shown(inp)}\n{_own_traceback(exc)}", end="")
             return None
         if expired:
-            print(f"Execution timed out after {limit:.2f} s.\nInput: {inp}")
+            print(f"Execution timed out after {limit:.2f} s.\nInput: {shown(inp)}")
             return None
         if not matches(out, exp, inp, oracle, atol):
-            print(f"The results aren't as expected.\nInput: {inp}\nExpected Output: {exp}\nActual Output: {out}")
+            print(f"The results aren't as expected.\nInput: {shown(inp)}\nExpected Output: {shown(exp)}\n"
+                  f"Actual Output: {shown(out)}")
             return None
     return nonce
 

@@ -134,7 +134,9 @@ def table(report: dict[str, Any]) -> str:
     sections = [("execution feedback", report)]
     if "human_feedback" in report:
         sections.append(("synth. human feedback", report["human_feedback"]))
-    for title, data in sections:
+    for n, (title, data) in enumerate(sections):
+        if n:
+            lines.append("")
         if len(sections) > 1:
             lines.append(f"{title}:")
         lines.append(head)
@@ -143,8 +145,6 @@ def table(report: dict[str, Any]) -> str:
             if plus:
                 line += f"   {data['passed_plus'][k]:>4}/{total:<6}  {data['pass@1_plus'][k]:6.1f}%"
             lines.append(line)
-        if len(sections) > 1:
-            lines.append("")
     published = report.get("published")
     if published:
         lines += ["", f"seed README, {published['model']} on {published['benchmark']} (pass@1, base (plus)):",

@@ -188,3 +188,11 @@ def test_plain_humaneval_report_shows_the_seed_row_with_base_only(tmp_path: Path
     assert "+ execution feedback              81.1 (78.7)     75.0            -6.1" in text
     assert "+ synth. human feedback           87.2 (86.6)     -               -" in text
     assert not (tmp_path / "samples_base_round0.jsonl").exists()
+
+
+def test_long_inputs_are_cut_in_the_middle(capsys: pytest.CaptureFixture[str]) -> None:
+    ns = _prepared("def f(xs):\n    return 0\n", "def f(xs):\n    return sum(xs)\n",
+                   {"base": [[list(range(100_000))]], "plus": []})
+    assert difftest.verdict(ns, "f", "base", "N") is None
+    printed = capsys.readouterr().out
+    assert len(printed) < 2500 and "characters cut]" in printed and printed.endswith("Actual Output: 0\n")
