@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "discord": ("bot.adapters.discord.cli", "run the Discord bot (/code slash command)"),
     "sandbox": ("runner.cli", "build the sandbox image, list or clean sandboxes"),
     "doctor": ("bot.doctor", "check Redis, Docker, the sandbox image, the model and tokens"),
-    "eval": ("bot.evaluation.cli", "measure pass@1 with execution feedback (HumanEval)"),
+    "eval": ("bot.evaluation.cli", "pass@1 with execution/human feedback: HumanEval(+), MBPP(+)"),
     "bench": ("bot.bench.cli", "benchmarks: queue | runner | generate | ack"),
 }
 

@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     max_batch: int = Field(16, ge=1, le=512, description="concurrent sequences in the in-process backend")
     max_rounds: int = Field(3, ge=0, le=20, description="feedback rounds after the first reply")
     system_prompt: str | None = None
+    #: key for `codeloop eval --human-feedback-url` (the critic's OpenAI-compatible server)
+    eval_critic_token: SecretStr | None = None
 
     # --- sandbox (defaults documented in docs/SANDBOX.md) ----------------------------------
     sandbox_image: str = "codeloop-sandbox:latest"

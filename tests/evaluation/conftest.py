@@ -13,7 +13,8 @@ import docker
 import pytest
 
 from bot.evaluation import cli
-from bot.evaluation.problems import Problem, load_problems
+from bot.evaluation.datasets import load_problems
+from bot.evaluation.problems import Problem
 from bot.settings import Settings
 from runner.config import SandboxConfig
 from runner.manager import SandboxManager
@@ -38,10 +39,10 @@ def fenced(code: str) -> str:
     return f"Here is the completed function:\n```python\n{code}\n```\nIt handles the edge cases."
 
 
-def parse_args(*argv: str) -> argparse.Namespace:
+def parse_args(*argv: str, benchmark: str = "humaneval") -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     cli.configure(parser)
-    return parser.parse_args(["humaneval", "--quiet", *argv])
+    return parser.parse_args([benchmark, "--quiet", *argv])
 
 
 @pytest.fixture
