@@ -295,11 +295,19 @@ def main(args: argparse.Namespace) -> int:
     metrics.start_metrics_server(settings)
 
     async def serve() -> None:
+        from bot.metrics_server import PROBE, redis_check
+
         worker = Worker(settings)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
-        await worker.run()
+        ping, close_ping = redis_check(settings)
+        PROBE.watch({"redis": ping})  # /healthz: Redis answers and the loop turns; /livez: the loop
+        try:
+            await worker.run()
+        finally:
+            PROBE.stop()
+            await close_ping()
 
     asyncio.run(serve())
     return 0
