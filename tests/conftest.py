@@ -26,10 +26,11 @@ REDIS_URL = os.environ.get("CODELOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never see the developer's CODELOOP_* variables."""
+    """Tests never see the developer's CODELOOP_* variables, nor a ./.env settings file."""
     for name in list(os.environ):
         if name.startswith("CODELOOP_") and not name.startswith("CODELOOP_TEST_"):
             monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CODELOOP_ENV_FILE", "")  # tests/deploy/test_settings_file.py sets its own
 
 
 @pytest.fixture
