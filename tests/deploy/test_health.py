@@ -125,6 +125,7 @@ async def test_slack_socket_mode_health_follows_redis_and_logs_json(command, own
         assert body["checks"]["slack"]["detail"] == "Socket Mode connected"
         status, metrics = await slack.probe("/metrics")
         assert status == 200 and "# HELP codeloop_jobs_total" in metrics and "python_info" in metrics
+        assert fake.token not in json.dumps(body) + metrics and fake.app_token not in json.dumps(body) + metrics
 
         own_redis.kill()  # Redis gone: not ready, but alive (a restart would not bring Redis back)
         _, body = await slack.until("/healthz", lambda s, b: s == 503 and not check(b, "redis"))

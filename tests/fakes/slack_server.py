@@ -47,8 +47,7 @@ class ScopedSlackAPI(FakeSlackAPI):
         app.router.add_get("/_fake/calls", self._fake_calls)
 
     async def _fake_messages(self, _: web.Request) -> web.Response:
-        messages = [{"channel": ch, **{k: v for k, v in m.items() if k != "blocks"}}
-                    for (ch, _), m in self.messages.items()]
+        messages = [{"channel": ch, **m} for (ch, _), m in self.messages.items()]
         return web.json_response(messages)
 
     async def _fake_calls(self, _: web.Request) -> web.Response:
