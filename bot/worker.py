@@ -302,7 +302,14 @@ def main(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
         ping, close_ping = redis_check(settings)
-        PROBE.watch({"redis": ping})  # /healthz: Redis answers and the loop turns; /livez: the loop
+
+        async def ready() -> str:
+            if not worker.ready.is_set():
+                raise ConnectionError("starting (model client, sandboxes, consumer group)")
+            return f"{len(worker.held)} job(s) held"
+
+        # /healthz: started, Redis answers, the loop turns; /livez: the loop turns
+        PROBE.watch({"redis": ping, "worker": ready})
         try:
             await worker.run()
         finally:

@@ -203,7 +203,8 @@ async def test_worker_serves_metrics_and_health(command, own_redis: RedisServer)
                            CODELOOP_SANDBOX_IMAGE=os.environ.get("CODELOOP_TEST_SANDBOX_IMAGE",
                                                                  "codeloop-sandbox:latest"))
     _, body = await worker.until("/healthz", healthy)
-    assert set(body["checks"]) == {"event_loop", "redis"}
+    assert set(body["checks"]) == {"event_loop", "redis", "worker"}
+    assert body["checks"]["worker"]["detail"] == "0 job(s) held"
     status, metrics = await worker.probe("/metrics")
     assert status == 200 and "codeloop_queue_depth" in metrics
     own_redis.kill()
