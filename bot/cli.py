@@ -4,6 +4,10 @@ A command module exposes ``configure(parser)`` and ``main(args) -> int``. Start-
 are ours (bad settings, missing image, unreachable Redis) print one line and exit 2. That line is
 the error's detail, not its chat-user text: whoever runs the command operates the bot and needs
 the address that did not answer.
+
+Logging is set up here, once, for every command: level and format (``CODELOOP_LOG_LEVEL``,
+``CODELOOP_LOG_JSON``) come from the settings, so the bots log like the worker does. Settings too
+broken to read leave the default plain format; the command itself then reports them.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import argparse
 import importlib
 import sys
 
-from bot.errors import CodeloopError
+from bot.errors import CodeloopError, ConfigError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "console": ("bot.console", "chat in the terminal through the queue (starts a worker if none runs)"),
@@ -52,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"codeloop {name}", description=COMMANDS[name][1])
     module.configure(parser)
     args = parser.parse_args(rest)
+    setup_logging()
     try:
         return int(module.main(args) or 0)
     except CodeloopError as exc:
@@ -59,6 +64,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def setup_logging() -> None:
+    from bot.metrics import setup_logging as apply
+    from bot.settings import Settings
+
+    try:
+        settings = Settings.load()
+    except ConfigError:
+        settings = Settings.model_construct()  # the defaults; the command names the bad setting
+    apply(settings)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """``codeloop doctor``: is this deployment able to answer a question? One line per check.
 
 Checks what a job needs, in the order it needs it: settings, Redis, the Docker engine, the
-sandbox image, the model, and the chat platform tokens of the adapters that are configured.
+sandbox image, the model (served under the name CODELOOP_MODEL gives), and the chat platform
+tokens of the adapters that are configured, asked of Slack and Discord themselves
+(bot/doctor_http.py). Settings come from the environment and ./.env, as for every command.
 A problem is one line naming what is wrong and how to fix it; the exit status is 1 when any
 check failed (warnings do not fail), so it serves as a container healthcheck too
 (``--only redis,docker,sandbox --quiet``). Nothing secret is printed: URLs lose their passwords.
@@ -11,23 +13,21 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
 
+from bot import doctor_http
+from bot.doctor_http import Advice, Problem, redact
 from bot.errors import ConfigError
 from bot.settings import Settings
 
 Status = Literal["ok", "warn", "FAIL", "skip"]
 CHECKS = ("settings", "redis", "docker", "sandbox", "model", "slack", "discord")
 MIN_REDIS = (6, 2)  # XAUTOCLAIM, which reclaiming a dead worker's jobs relies on
-SANDBOX_BUILD = "codeloop sandbox build (compose: docker compose --profile build build sandbox)"
+SANDBOX_BUILD = "codeloop sandbox build (compose: docker-compose --profile build build sandbox)"
 
 
 @dataclass
@@ -38,27 +38,6 @@ class Result:
 
     def line(self) -> str:
         return f"{self.status:<5} {self.name:<9} {self.text}"
-
-
-class Problem(Exception):
-    """A failed check: ``str`` is what is wrong, ``fix`` what to do about it."""
-
-    def __init__(self, what: str, fix: str) -> None:
-        super().__init__(f"{what}. Fix: {fix}")
-
-
-class Advice(Exception):
-    """Works, but a team should know (e.g. Redis without persistence): a warning, not a failure."""
-
-
-def redact(url: str) -> str:
-    """``url`` without its password, for printing."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class Doctor:
@@ -140,33 +119,7 @@ class Doctor:
     def model(self) -> str:
         if self.settings.backend == "transformers":
             return self._local_model()
-        url = (self.settings.llm_url or "").rstrip("/")
-        shown = redact(url)
-        headers = {"Accept": "application/json"}
-        if self.settings.llm_token is not None:
-            headers["Authorization"] = f"Bearer {self.settings.llm_token.get_secret_value()}"
-        # TGI answers /health (200 once the weights are loaded); vLLM and other OpenAI-compatible
-        # servers answer /v1/models. Either one proves a model is being served.
-        last = ""
-        for path in ("/health", "/v1/models"):
-            try:
-                request = urllib.request.Request(url + path, headers=headers)
-                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
-                    return f"{shown} answers {path} ({resp.status})" + _served_model(path, resp.read())
-            except urllib.error.HTTPError as exc:
-                if exc.code in (401, 403):
-                    raise Problem(f"the model server at {shown} rejected us ({exc.code})",
-                                  "set CODELOOP_LLM_TOKEN to a token it accepts") from None
-                if exc.code == 503:
-                    raise Problem(f"the model server at {shown} is up but not ready (503 on {path})",
-                                  "wait for it to load the weights (docker compose logs tgi)") from None
-                last = f"{exc.code} on {path}"
-            except (urllib.error.URLError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                raise Problem(f"no model server answers at {shown} ({reason})",
-                              "start it (compose: --profile tgi) or set CODELOOP_LLM_URL") from None
-        raise Problem(f"{shown} is not a TGI or OpenAI-compatible server ({last})",
-                      "point CODELOOP_LLM_URL at the server's base URL, without /v1")
+        return doctor_http.model_server(self.settings, self.timeout)
 
     def _local_model(self) -> str:
         missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
@@ -195,44 +148,15 @@ class Doctor:
         return f"transformers backend, {model} ({where}), device {device}"
 
     def slack(self) -> str:
-        s = self.settings
-        second = ("slack_app_token", "xapp-") if s.slack_mode == "socket" else ("slack_signing_secret", "")
-        needed = dict([("slack_bot_token", "xoxb-"), second])
-        for name, prefix in needed.items():
-            value = getattr(s, name)
-            var = f"CODELOOP_{name.upper()}"
-            if value is None or not value.get_secret_value():
-                raise Problem(f"Slack ({s.slack_mode} mode) needs {var}",
-                              "copy it from your Slack app's settings into .env (docs/DEPLOY.md)")
-            if prefix and not value.get_secret_value().startswith(prefix):
-                raise Problem(f"{var} does not start with {prefix}",
-                              "use the bot token (OAuth & Permissions) for xoxb-, the app-level token "
-                              "with connections:write (Basic Information) for xapp-")
-        return f"tokens present ({s.slack_mode} mode)"
+        return doctor_http.slack(self.settings, self.timeout)
 
     def discord(self) -> str:
-        token = self.settings.discord_token
-        if token is None or not token.get_secret_value():
-            raise Problem("the Discord bot needs CODELOOP_DISCORD_TOKEN",
-                          "copy the token from the Discord developer portal (Bot → Reset Token) into .env")
-        if token.get_secret_value().count(".") != 2:
-            raise Problem("CODELOOP_DISCORD_TOKEN does not look like a bot token (three dot-separated parts)",
-                          "copy the Bot token, not the application id or the client secret")
-        return "token present"
+        return doctor_http.discord(self.settings, self.timeout)
 
 
 def _short(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text if len(text) <= 160 else text[:157] + "..."
-
-
-def _served_model(path: str, body: bytes) -> str:
-    if path != "/v1/models":
-        return ""
-    try:
-        return ", serving " + ", ".join(m["id"] for m in json.loads(body)["data"])
-    except (ValueError, KeyError, TypeError):
-        return ""
 
 
 def platform_enabled(settings: Settings, name: str) -> bool:

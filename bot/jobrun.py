@@ -144,7 +144,7 @@ class JobRun:
     def _turn(self, state: ConversationState) -> Turn:
         return Turn(model=self.model, params=GenerationParams.from_settings(self.settings),
                     max_rounds=self.settings.max_rounds, feedback_chars=self.settings.feedback_chars,
-                    system_prompt=self.settings.system_prompt or SYSTEM_PROMPT, history=list(state.history))
+                    system_prompt=self.settings.system_turn(SYSTEM_PROMPT), history=list(state.history))
 
     async def _message(self, state: ConversationState, turn: Turn) -> Event:
         job = self.job

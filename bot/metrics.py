@@ -1,14 +1,16 @@
-"""Prometheus metrics (served on CODELOOP_METRICS_PORT when set) and structured logging."""
+"""Prometheus metrics (served with health on CODELOOP_METRICS_PORT: bot/metrics_server.py) and the
+logging set-up every command shares (``bot.cli`` applies it before a command runs)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from contextvars import ContextVar
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 from bot.settings import Settings
 
@@ -37,8 +39,10 @@ log_context: ContextVar[dict[str, str]] = ContextVar("codeloop_log_context", def
 
 
 def start_metrics_server(settings: Settings) -> None:
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port)
+    """Serve /metrics, /healthz and /livez when CODELOOP_METRICS_PORT is set (bot/metrics_server.py)."""
+    from bot import metrics_server
+
+    metrics_server.start(settings)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -63,14 +67,32 @@ class _ContextFilter(logging.Filter):
 
 
 def setup_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler()
+    """Log level and format (plain, or one JSON object a line) from the settings, for every command.
+    Replaces the handler a previous call installed, so calling it again (tests, ``console``
+    starting a worker) never doubles the lines."""
+    handler = _StderrHandler()
     handler.addFilter(_ContextFilter())
     if settings.log_json:
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s%(ctx)s"))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _StderrHandler)] + [handler]
     root.setLevel(settings.log_level)
     for noisy in ("httpx", "httpcore", "urllib3", "docker", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time of each record (pytest swaps it per test)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        pass

@@ -1,11 +1,17 @@
-"""Settings: one typed object read from the environment (prefix ``CODELOOP_``).
+"""Settings: one typed object read from the environment (prefix ``CODELOOP_``) and ``./.env``.
 
 Built once at start (``Settings.load()``) and passed down; nothing else reads ``os.environ``.
 Secrets are ``SecretStr`` so they never show in a repr or a log line.
+
+Host-run commands (``codeloop doctor``, ``worker``, ``console``…) read ``.env`` in the current
+directory, the same file compose hands its services, so a setting written there once holds for
+both. Real environment variables win over the file; ``CODELOOP_ENV_FILE`` names another file, or
+none when empty. Only ``CODELOOP_*`` lines count: the ``DEPLOY_*`` ones are compose's.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -14,6 +20,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from bot.errors import ConfigError
 
 DEFAULT_MODEL = "m-a-p/OpenCodeInterpreter-DS-1.3B"
+DEFAULT_ENV_FILE = ".env"
+#: CODELOOP_SYSTEM_PROMPT=none: send no system turn (the model's chat template applies its own)
+NO_SYSTEM_PROMPT = "none"
 CSV = Annotated[list[str], NoDecode]
 
 
@@ -24,7 +33,8 @@ def _split_csv(value: object) -> object:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CODELOOP_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="CODELOOP_", extra="ignore", frozen=True,
+                                      env_file_encoding="utf-8")
 
     # --- Redis queue and state -------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -55,7 +65,8 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_batch: int = Field(16, ge=1, le=512, description="concurrent sequences in the in-process backend")
     max_rounds: int = Field(3, ge=0, le=20, description="feedback rounds after the first reply")
-    system_prompt: str | None = None
+    #: empty = codeloop's built-in prompt (bot/agent/prompts.py); "none" = no system turn
+    system_prompt: str | None = Field(None, description="system turn of every conversation")
     #: key for `codeloop eval --human-feedback-url` (the critic's OpenAI-compatible server)
     eval_critic_token: SecretStr | None = None
 
@@ -105,6 +116,7 @@ class Settings(BaseSettings):
     # --- Discord ----------------------------------------------------------------------------
     discord_token: SecretStr | None = None
     discord_api_url: str = "https://discord.com/api/v10"
+    discord_gateway_url: str = Field("wss://gateway.discord.gg/", description="Discord gateway WebSocket URL")
     discord_allowed_guilds: CSV = Field(default_factory=list)
     discord_allowed_channels: CSV = Field(default_factory=list)
     discord_user_concurrency: int = Field(2, ge=1)
@@ -139,11 +151,25 @@ class Settings(BaseSettings):
             return self.llm_backend
         return "tgi" if self.llm_url else "transformers"
 
+    def system_turn(self, built_in: str) -> str | None:
+        """The system prompt to send: ``built_in`` unless one is set; None for ``none``."""
+        value = (self.system_prompt or "").strip()
+        if value.lower() == NO_SYSTEM_PROMPT:
+            return None
+        return value or built_in
+
+    @staticmethod
+    def env_file() -> str | None:
+        """The settings file commands read: CODELOOP_ENV_FILE, default ./.env; empty for none."""
+        path = os.environ.get("CODELOOP_ENV_FILE", DEFAULT_ENV_FILE)
+        return path or None
+
     @classmethod
     def load(cls, **overrides: object) -> Settings:
-        """Read the environment; a bad value raises ConfigError naming the variable."""
+        """Read the environment and the settings file; a bad value raises ConfigError naming the
+        variable. Environment variables take precedence over the file, ``overrides`` over both."""
         try:
-            settings = cls(**overrides)  # type: ignore[arg-type]
+            settings = cls(_env_file=cls.env_file(), **overrides)  # type: ignore[arg-type,call-arg]
         except ValidationError as exc:
             problems = []
             for err in exc.errors():

@@ -295,11 +295,26 @@ def main(args: argparse.Namespace) -> int:
     metrics.start_metrics_server(settings)
 
     async def serve() -> None:
+        from bot.metrics_server import PROBE, redis_check
+
         worker = Worker(settings)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
-        await worker.run()
+        ping, close_ping = redis_check(settings)
+
+        async def ready() -> str:
+            if not worker.ready.is_set():
+                raise ConnectionError("starting (model client, sandboxes, consumer group)")
+            return f"{len(worker.held)} job(s) held"
+
+        # /healthz: started, Redis answers, the loop turns; /livez: the loop turns
+        PROBE.watch({"redis": ping, "worker": ready})
+        try:
+            await worker.run()
+        finally:
+            PROBE.stop()
+            await close_ping()
 
     asyncio.run(serve())
     return 0

@@ -24,12 +24,29 @@ if TYPE_CHECKING:
 REDIS_URL = os.environ.get("CODELOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+#: fixtures that reach a real service: a test using one (directly or through another) gets its
+#: marker, so `-m "not docker"` and `-m "not redis"` select exactly; explicit marks still count
+NEEDS = {
+    "redis": {"redis_client", "start_worker", "text_worker", "redis_server", "own_redis"},
+    "docker": {"docker_client", "eval_manager", "start_worker", "sandbox_image", "engine"},
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        for marker, fixtures in NEEDS.items():
+            if used & fixtures and item.get_closest_marker(marker) is None:
+                item.add_marker(marker)
+
+
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never see the developer's CODELOOP_* variables."""
+    """Tests never see the developer's CODELOOP_* variables, nor a ./.env settings file."""
     for name in list(os.environ):
         if name.startswith("CODELOOP_") and not name.startswith("CODELOOP_TEST_"):
             monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CODELOOP_ENV_FILE", "")  # tests/deploy/test_settings_file.py sets its own
 
 
 @pytest.fixture

@@ -39,7 +39,8 @@ class Turn:
     params: GenerationParams
     max_rounds: int
     feedback_chars: int
-    system_prompt: str = prompts.SYSTEM_PROMPT
+    #: None sends no system turn: the model's chat template then applies its own default
+    system_prompt: str | None = prompts.SYSTEM_PROMPT
     #: the conversation as it stands, without the system prompt; the worker saves it
     history: list[ChatMessage] = field(default_factory=list)
     rounds: int = 0
@@ -116,7 +117,7 @@ class Turn:
 
     def _fit_context(self) -> list[ChatMessage]:
         """System prompt + history, dropping the oldest turns (never the newest) to fit."""
-        system: list[ChatMessage] = [{"role": "system", "content": self.system_prompt}]
+        system: list[ChatMessage] = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         budget = self.model.context_tokens - self.params.max_new_tokens
         history = list(self.history)
         while len(history) > 1 and self.model.count_tokens(system + history) > budget:

@@ -13,6 +13,11 @@ long-lived client keeps every response it ever streamed (~20 MiB per 1,000 reque
 by benchmarks/overload_rss.py). They share one HTTP connection pool, because a new pool costs
 ~20 ms of TLS set-up per request; were the attribute that carries it ever renamed upstream,
 each request would simply get a pool of its own: slower, still correct.
+
+Every request names the model (``CODELOOP_MODEL``): TGI and llama.cpp's server ignore the field,
+but vLLM, Ollama, LM Studio and OpenAI-compatible gateways serve models by name and answer 404
+to any other (huggingface_hub would send a placeholder). ``codeloop doctor`` compares the name
+with what the server lists.
 """
 
 from __future__ import annotations
@@ -51,9 +56,10 @@ async def _drop_authorization(request: httpx2.Request) -> None:
 
 
 class TGIClient:
-    def __init__(self, url: str, *, token: str | None = None, context_tokens: int = 16384,
+    def __init__(self, url: str, *, model: str, token: str | None = None, context_tokens: int = 16384,
                  timeout_s: float = 120.0, retries: int = 4, backoff_s: float = 0.5) -> None:
         self.url = url.rstrip("/")
+        self.model = model
         self.context_tokens = context_tokens
         self.retries = retries
         self.backoff_s = backoff_s
@@ -66,6 +72,7 @@ class TGIClient:
         assert settings.llm_url is not None  # Settings.load() enforces it for this backend
         return cls(
             settings.llm_url,
+            model=settings.model,
             token=settings.llm_token.get_secret_value() if settings.llm_token else None,
             context_tokens=settings.context_tokens,
             timeout_s=settings.llm_timeout_s,
@@ -78,7 +85,7 @@ class TGIClient:
 
     async def _open(self, messages: list[ChatMessage],
                     params: GenerationParams) -> tuple[AsyncInferenceClient, AsyncIterator[Any]]:
-        kwargs: dict[str, Any] = {"max_tokens": params.max_new_tokens, "stream": True}
+        kwargs: dict[str, Any] = {"model": self.model, "max_tokens": params.max_new_tokens, "stream": True}
         if params.temperature > 0:
             kwargs.update(temperature=params.temperature, top_p=params.top_p)
         else:
@@ -98,6 +105,9 @@ class TGIClient:
                 status = _status(exc)
                 if status is not None and status not in RETRYABLE_STATUS:
                     detail = f"model server {self.url} answered {status}: {str(exc)[:300]}"
+                    if status == 404:
+                        detail += (f" (does it serve the model {self.model!r}? `codeloop doctor --only model` "
+                                   "lists what it serves; set CODELOOP_MODEL to one of them)")
                     log.error("%s", detail)
                     raise ModelError(detail, for_user=f"The model server turned the request down (HTTP {status}). "
                                      "Try again in a minute; if it keeps happening, tell the bot's operators."

@@ -189,3 +189,48 @@ def _volumes(service: dict[str, Any]) -> list[str]:
     for v in service.get("volumes", []):
         out.append(v if isinstance(v, str) else f"{v.get('source')}:{v.get('target')}")  # long syntax
     return out
+
+
+def test_bots_are_health_checked_on_their_health_endpoint(resolved: dict[str, Any]) -> None:
+    """/healthz reflects Redis and the platform connection (tests/deploy/test_health.py proves it);
+    /metrics answered even when both were down."""
+    for name in ("slack", "discord"):
+        svc = resolved["services"][name]
+        test = " ".join(svc["healthcheck"]["test"])
+        assert "/healthz" in test and "CODELOOP_METRICS_PORT" in test, name
+        assert svc["environment"]["CODELOOP_METRICS_PORT"] == "9100", name
+
+
+def test_in_process_workers_get_the_hub_settings_and_a_model_cache(resolved: dict[str, Any]) -> None:
+    services = resolved["services"]
+    for name in ("worker-gpu", "worker-cpu"):
+        env = services[name]["environment"]
+        assert env["HF_HOME"] == "/models" and env["HF_HUB_OFFLINE"] == "0" and "HF_TOKEN" in env, name
+        assert any(v.startswith("models:/models") for v in _volumes(services[name])), name
+    assert services["tgi"]["environment"]["HF_HUB_OFFLINE"] == "0" and "HF_TOKEN" in services["tgi"]["environment"]
+
+
+def test_the_worker_names_the_model_tgi_serves(resolved: dict[str, Any]) -> None:
+    services = resolved["services"]
+    served = services["tgi"]["environment"]["MODEL_ID"]
+    assert services["worker"]["environment"]["CODELOOP_MODEL"] == served
+    assert services["doctor"]["environment"]["CODELOOP_MODEL"] == served
+
+
+def test_a_pip_mirror_reaches_every_image_build(tmp_path: Path) -> None:
+    if shutil.which("docker-compose") is None:
+        pytest.skip("docker-compose not installed (scripts/bootstrap installs Debian's)")
+    env = tmp_path / "mirror.env"
+    env.write_text(f"DEPLOY_PIP_INDEX_URL=https://pypi.example/simple\nDEPLOY_ENV_FILE={env}\n")
+    args = ["docker-compose", "--env-file", str(env), "-f", str(COMPOSE)]
+    for profile in PROFILES:
+        args += ["--profile", profile]
+    out = subprocess.run([*args, "config"], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    services = yaml.safe_load(out.stdout)["services"]
+    built = {name: svc["build"]["args"] for name, svc in services.items() if "build" in svc}
+    assert set(built) >= {"worker", "worker-gpu", "worker-cpu", "sandbox", "slack"}
+    assert all(a["PIP_INDEX_URL"] == "https://pypi.example/simple" for a in built.values()), built
+    for dockerfile in (ROOT / "deploy" / "Dockerfile", ROOT / "runner" / "Dockerfile"):
+        assert "ARG PIP_INDEX_URL" in dockerfile.read_text(), dockerfile

@@ -22,9 +22,11 @@ import pytest
 from docker.errors import APIError
 from docker.types import Mount
 
+from tests.deploy.images import base_image
+
 pytestmark = pytest.mark.docker
 ROOT = Path(__file__).resolve().parents[2]
-IMAGE = os.environ.get("CODELOOP_TEST_BASE_IMAGE", "codeloop/base:bookworm")
+IMAGE = base_image()  # codeloop/base:bookworm or python:3.12-slim, whichever the engine has
 LABEL = {"codeloop.session": "1"}
 
 
@@ -40,7 +42,8 @@ def engine() -> Iterator[docker.DockerClient]:
     try:
         client.images.get(IMAGE)
     except Exception as exc:
-        pytest.fail(f"{IMAGE} missing or engine unreachable ({exc}); deploy/build-base-image.sh builds it")
+        pytest.fail(f"{IMAGE} missing or engine unreachable ({exc}); deploy/build-base-image.sh builds "
+                    "codeloop/base:bookworm, or set CODELOOP_TEST_BASE_IMAGE")
     yield client
     for c in client.containers.list(all=True, filters={"label": "codeloop.test-proxy=1"}):
         c.remove(force=True)

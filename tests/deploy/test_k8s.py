@@ -47,7 +47,7 @@ def test_every_manifest_is_listed_in_the_kustomization() -> None:
 @pytest.mark.parametrize("version", VERSIONS)
 def test_manifests_validate_strictly(version: str) -> None:
     docs = documents()
-    assert len(docs) >= 14
+    assert len(docs) >= 19
     for doc in docs:
         kubernetes_validate.validate(doc, version, strict=True)
 
@@ -101,12 +101,103 @@ def test_gpu_work_lands_on_the_gpu_pool_and_sandboxes_elsewhere() -> None:
     assert "docker.sock" not in yaml.safe_dump(specs["codeloop-worker"])
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def render() -> list[dict[str, Any]]:
+    """What ``kubectl kustomize deploy/k8s`` makes of the files, for the two transformers this
+    kustomization uses (namespace, images): runs everywhere, kubectl or not."""
+    k = kustomization()
+    images = {i["name"]: f"{i.get('newName', i['name'])}:{i['newTag']}" for i in k["images"]}
+    out = []
+    for doc in copy.deepcopy(documents()):
+        if doc["kind"] != "Namespace":
+            doc["metadata"]["namespace"] = k["namespace"]
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                container["image"] = images.get(container["image"], container["image"])
+        out.append(doc)
+    return out
+
+
+def test_no_image_is_latest() -> None:
+    rendered = [c["image"] for d in render() if d["kind"] in ("Deployment", "StatefulSet")
+                for c in d["spec"]["template"]["spec"]["containers"]]
+    assert rendered and all(":" in i and not i.endswith(":latest") for i in rendered), rendered
+    config = next(d for d in documents() if d["kind"] == "ConfigMap")["data"]
+    for key in ("CODELOOP_SANDBOX_IMAGE", "SANDBOX_IMAGE_REF"):
+        assert not config[key].endswith(":latest") and ":" in config[key], key
+
+
+def _container(name: str) -> dict[str, Any]:
+    return pod_specs()[name]["containers"][0]
+
+
+def test_bots_and_workers_are_probed_on_their_health_endpoints() -> None:
+    """The endpoints bot/metrics_server.py serves (tests/deploy/test_health.py proves what they say)."""
+    for name in ("codeloop-slack", "codeloop-discord"):
+        container = _container(name)
+        assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}, name
+        assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}, name
+    for name in ("codeloop-worker", "codeloop-worker-gpu"):
+        assert _container(name)["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}, name
+    assert _container("codeloop-worker-gpu")["startupProbe"]["failureThreshold"] >= 60  # weights load first
+    for name, spec in pod_specs().items():
+        for container in spec["containers"]:
+            ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+            if name.startswith("codeloop-"):
+                assert ports["metrics"] == 9100, name
+
+
+def test_slack_http_mode_has_a_service_and_disruptions_take_one_pod_at_a_time() -> None:
+    docs = documents()
+    [service] = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "codeloop-slack"]
+    assert service["spec"]["selector"] == {"app.kubernetes.io/name": "codeloop-slack"}
+    assert service["spec"]["ports"] == [{"name": "events", "port": 3000, "targetPort": "events"}]
+    events = {p["name"]: p["containerPort"] for p in _container("codeloop-slack")["ports"]}["events"]
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    assert events == int(config.get("CODELOOP_SLACK_HTTP_PORT", 3000))
+    budgets = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "PodDisruptionBudget"}
+    assert set(budgets) == {"codeloop-worker", "codeloop-slack"}
+    labels = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in docs
+              if d["kind"] == "Deployment"}
+    for name, spec in budgets.items():
+        assert spec["maxUnavailable"] == 1
+        assert spec["selector"]["matchLabels"].items() <= labels[name].items(), name
+
+
+def test_model_weights_live_on_volumes_that_outlast_the_pod_and_tgi_is_not_root() -> None:
+    docs = documents()
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    specs = pod_specs()
+    for name, volume, claim in (("tgi", "data", "tgi-data"), ("codeloop-worker-gpu", "models", "codeloop-models")):
+        [vol] = [v for v in specs[name]["volumes"] if v["name"] == volume]
+        assert vol == {"name": volume, "persistentVolumeClaim": {"claimName": claim}}, name
+        assert claim in claims
+        deployment = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == name)
+        assert deployment["spec"]["strategy"] == {"type": "Recreate"}, name  # ReadWriteOnce
+    tgi = specs["tgi"]
+    assert tgi["securityContext"]["runAsNonRoot"] is True and tgi["securityContext"]["runAsUser"] != 0
+    port = {p["name"]: p["containerPort"] for p in tgi["containers"][0]["ports"]}["http"]
+    assert port >= 1024  # a non-root process cannot bind below 1024 without a capability
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "tgi-from-workers")
+    assert policy["spec"]["ingress"][0]["ports"][0]["port"] == port
+    for name in ("tgi", "codeloop-worker-gpu"):
+        env = {e["name"] for e in specs[name]["containers"][0]["env"]}
+        assert {"HF_TOKEN", "HF_HUB_OFFLINE"} <= env, name
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed; test_no_image_is_latest "
+                    "and the checks above run on the same render without it")
 def test_kubectl_kustomize_renders_the_same_objects() -> None:
     out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
-    assert sorted((d["kind"], d["metadata"]["name"]) for d in rendered) == sorted(
-        (d["kind"], d["metadata"]["name"]) for d in documents()
-    )
-    assert all(d["metadata"].get("namespace") == "codeloop" for d in rendered if d["kind"] != "Namespace")
+
+    def key(d: dict[str, Any]) -> tuple[str, str]:
+        return d["kind"], d["metadata"]["name"]
+
+    ours = {key(d): d for d in render()}
+    assert sorted(map(key, rendered)) == sorted(ours)
+    for doc in rendered:
+        assert doc["metadata"].get("namespace") == ours[key(doc)]["metadata"].get("namespace")
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            images = [c["image"] for c in doc["spec"]["template"]["spec"]["containers"]]
+            assert images == [c["image"] for c in ours[key(doc)]["spec"]["template"]["spec"]["containers"]]

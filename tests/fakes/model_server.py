@@ -6,6 +6,11 @@ Stands in for a GPU model server in tests. Replies come from a script:
 It can also answer ``fail_times`` requests with ``fail_status`` (429/503) first, every
 ``fail_every``-th request with 429 and 503 in turn (an overloaded server, for benchmarks), or stall.
 
+By default it behaves like TGI: ``/info`` names its model and any model name is accepted. With
+``served_model`` set it behaves like vLLM (and other OpenAI-compatible servers that serve models by
+name): no ``/info``, ``/v1/models`` lists exactly that name, and a chat request naming any other
+model is answered 404 with vLLM's error body.
+
 Run standalone (for the compose smoke test):
     python -m tests.fakes.model_server --port 8080 --script replies.json
 where replies.json is a JSON list of reply strings.
@@ -36,6 +41,8 @@ class ScriptedModelServer:
     fail_status: int = 429
     fail_every: int = 0
     stall_s: float = 0.0
+    #: vLLM-like: serve exactly this model name (None: TGI-like, any name goes)
+    served_model: str | None = None
     host: str = "127.0.0.1"
     port: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -76,15 +83,23 @@ class ScriptedModelServer:
         return web.Response(text="")
 
     async def _info(self, _: web.Request) -> web.Response:
-        return web.json_response({"model_id": "scripted", "max_total_tokens": 16384})
+        if self.served_model is not None:
+            return web.json_response({"detail": "Not Found"}, status=404)  # vLLM has no /info
+        return web.json_response({"model_id": "scripted", "max_total_tokens": 16384,
+                                  "router": "text-generation-router", "version": "3.3.4"})
 
     async def _models(self, _: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "scripted", "object": "model"}]})
+        name = self.served_model or "scripted"
+        return web.json_response({"object": "list", "data": [{"id": name, "object": "model",
+                                                              "owned_by": "vllm", "root": name}]})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
         self.authorization.append(request.headers.get("Authorization"))
+        if self.served_model is not None and body.get("model") != self.served_model:
+            return web.json_response({"object": "error", "message": f"The model `{body.get('model')}` does not exist.",
+                                      "type": "NotFoundError", "param": None, "code": 404}, status=404)
         if self.fail_times > 0:
             self.fail_times -= 1
             return web.json_response({"error": "Model is overloaded", "error_type": "overloaded"},
@@ -131,12 +146,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--script", help="JSON file with a list of reply strings")
     parser.add_argument("--fail-every", type=int, default=0, help="answer every Nth request with 429/503")
+    parser.add_argument("--served-model", help="serve only this model name, like vLLM (default: any, like TGI)")
     args = parser.parse_args()
     replies = json.load(open(args.script)) if args.script else ["Hello from the scripted model."]
 
     async def serve() -> None:
         server = await ScriptedModelServer(script=replies, host=args.host, port=args.port,
-                                           fail_every=args.fail_every).start()
+                                           fail_every=args.fail_every, served_model=args.served_model).start()
         print(f"scripted model server on {server.url}", flush=True)
         await asyncio.Event().wait()
 

@@ -12,6 +12,7 @@ from bot.llm.tgi import TGIClient
 from tests.fakes.model_server import ScriptedModelServer
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+MODEL = "m-a-p/OpenCodeInterpreter-DS-6.7B"
 
 
 async def _collect(client: TGIClient, params: GenerationParams | None = None) -> list[str]:
@@ -20,7 +21,7 @@ async def _collect(client: TGIClient, params: GenerationParams | None = None) ->
 
 async def test_streams_deltas_and_sends_greedy_params() -> None:
     server = await ScriptedModelServer(script=["Hello there, general Kenobi."], chunk_chars=5).start()
-    client = TGIClient(server.url, backoff_s=0.01)
+    client = TGIClient(server.url, model=MODEL, backoff_s=0.01)
     try:
         deltas = await _collect(client, GenerationParams(max_new_tokens=77, stop=("<|EOT|>",)))
     finally:
@@ -32,12 +33,33 @@ async def test_streams_deltas_and_sends_greedy_params() -> None:
     assert sent["stream"] is True and sent["max_tokens"] == 77 and sent["temperature"] == 0.0
     assert sent["stop"] == ["<|EOT|>"]
     assert sent["messages"][0] == {"role": "system", "content": "be brief"}
+    assert sent["model"] == MODEL
+
+
+async def test_a_server_that_serves_models_by_name_gets_the_configured_name() -> None:
+    """vLLM (and Ollama, LM Studio, gateways) answer 404 to any model name but the one they serve."""
+    from bot.settings import Settings
+
+    server = await ScriptedModelServer(script=["served"], served_model="ds-6.7b").start()
+    right = TGIClient.from_settings(Settings.load(llm_url=server.url, model="ds-6.7b"))
+    wrong = TGIClient.from_settings(Settings.load(llm_url=server.url, llm_backoff_s=0.01))  # the default name
+    try:
+        assert "".join(await _collect(right)) == "served"
+        with pytest.raises(ModelError) as err:
+            await _collect(wrong)
+    finally:
+        await right.aclose()
+        await wrong.aclose()
+        await server.stop()
+    assert [r["model"] for r in server.requests] == ["ds-6.7b", "m-a-p/OpenCodeInterpreter-DS-1.3B"]
+    assert "HTTP 404" in err.value.user_message() and "CODELOOP_MODEL" in str(err.value)
+    assert len(server.requests) == 2  # a 404 is not retried
 
 
 @pytest.mark.parametrize("status", [429, 503])
 async def test_overload_is_retried_then_succeeds(status: int) -> None:
     server = await ScriptedModelServer(script=["ok"], fail_times=2, fail_status=status).start()
-    client = TGIClient(server.url, retries=3, backoff_s=0.01)
+    client = TGIClient(server.url, model=MODEL, retries=3, backoff_s=0.01)
     try:
         assert "".join(await _collect(client)) == "ok"
     finally:
@@ -48,7 +70,7 @@ async def test_overload_is_retried_then_succeeds(status: int) -> None:
 
 async def _error_from(url: str, retries: int) -> ModelError:
     """The error a request to the model server at ``url`` ends in."""
-    client = TGIClient(url, retries=retries, backoff_s=0.01)
+    client = TGIClient(url, model=MODEL, retries=retries, backoff_s=0.01)
     try:
         with pytest.raises(ModelError) as err:
             await _collect(client)
@@ -120,7 +142,7 @@ async def test_the_hosts_hugging_face_login_is_not_sent_to_the_model_server(monk
     """huggingface_hub falls back to HF_TOKEN for a URL model; that token is not the server's to see."""
     monkeypatch.setenv("HF_TOKEN", "hf_host_login_secret")
     server = await ScriptedModelServer(script=["ok"]).start()
-    anonymous, keyed = TGIClient(server.url), TGIClient(server.url, token="server-key")
+    anonymous, keyed = TGIClient(server.url, model=MODEL), TGIClient(server.url, model=MODEL, token="server-key")
     try:
         assert "".join(await _collect(anonymous)) == "ok"
         assert "".join(await _collect(keyed)) == "ok"

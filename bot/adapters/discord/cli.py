@@ -1,16 +1,22 @@
-"""``codeloop discord``: run the bot, or register its /code command, or print its invite URL."""
+"""``codeloop discord``: run the bot, or register its /code command, or print its invite URL.
+
+Running, with ``CODELOOP_METRICS_PORT`` set, it serves /metrics and health (bot/metrics_server.py):
+Redis answers, and the gateway connection is up.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import signal
 from typing import Any
 
 import discord
 import redis.asyncio as aioredis
+import yarl
+from discord.gateway import DiscordWebSocket
 
-from bot import redis_conn
+from bot import metrics_server, redis_conn
 from bot.adapters.discord.client import CodeloopBot, invite_url
 from bot.errors import ConfigError
 from bot.settings import Settings
@@ -29,8 +35,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     settings = Settings.load()
     settings.require("discord_token")
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(run(settings, args))
+    server = None if args.sync or args.invite else metrics_server.start(settings)
+    try:
+        return asyncio.run(run(settings, args))
+    finally:
+        if server is not None:
+            server.close()
 
 
 async def run(settings: Settings, args: argparse.Namespace) -> int:
@@ -38,6 +48,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
     token = settings.discord_token.get_secret_value()
     redis: aioredis.Redis[Any] = redis_conn.connect(settings)
     bot = CodeloopBot(settings, redis)
+    close_ping = None
     try:
         if args.sync or args.invite:
             await _login(bot, token)
@@ -54,7 +65,15 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         await redis_conn.check(redis, settings)
         await _login(bot, token)
+        # process-wide, like the REST base (client.use_api_url): one bot per process
+        DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
+        ping, close_ping = metrics_server.redis_check(settings)
+        metrics_server.PROBE.watch({"redis": ping, "discord": _gateway(bot)}, live=("discord",))
         bot.start_replies()
+        loop = asyncio.get_running_loop()
+        closing: set[asyncio.Task[None]] = set()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # compose and Kubernetes stop with SIGTERM
+            loop.add_signal_handler(sig, lambda: closing.add(loop.create_task(bot.close())))
         try:
             await bot.connect()
         except discord.PrivilegedIntentsRequired:
@@ -63,8 +82,20 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
                               ) from None
         return 0
     finally:
+        metrics_server.PROBE.stop()
         await bot.close()
+        if close_ping is not None:
+            await close_ping()
         await redis.aclose()
+
+
+def _gateway(bot: CodeloopBot) -> metrics_server.Check:
+    async def connected() -> str:
+        if bot.is_closed() or not bot.is_ready() or bot.ws is None or not bot.ws.open:
+            raise ConnectionError("the gateway connection to Discord is not up (connecting or reconnecting)")
+        return f"gateway connected as {bot.user} ({bot.latency * 1000:.0f} ms heartbeat)"
+
+    return connected
 
 
 async def _login(bot: CodeloopBot, token: str) -> None:

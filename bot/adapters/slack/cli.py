@@ -1,6 +1,8 @@
 """``codeloop slack``: run the Slack bot in Socket Mode (default) or as an HTTP Events API endpoint.
 
 Both modes also render replies: a ReplyReader on the ``slack`` reply stream feeds the renderer.
+With ``CODELOOP_METRICS_PORT`` set it serves /metrics and health (bot/metrics_server.py): Redis
+answers, and the Socket Mode connection is up (HTTP mode: the events listener is serving).
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import logging
 import signal
 
 from aiohttp import web
+from slack_sdk.errors import SlackApiError
 
-from bot import redis_conn
+from bot import metrics_server, redis_conn
 from bot.adapters.slack.app import EVENTS_PATH, SlackAdapter
 from bot.errors import ConfigError
 from bot.replies import ReplyReader
@@ -38,8 +41,12 @@ def main(args: argparse.Namespace) -> int:
         overrides["slack_http_port"] = args.port
     settings = Settings.load(**overrides)
     check(settings)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(settings))
+    server = metrics_server.start(settings)
+    try:
+        asyncio.run(serve(settings))
+    finally:
+        if server is not None:
+            server.close()
     return 0
 
 
@@ -64,18 +71,40 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     # Open connections now: making one costs ~1 ms of CPU, which would land on the first burst's acks.
     await asyncio.gather(*(redis.ping() for _ in range(16)))
     adapter = SlackAdapter(settings, redis)
+    ping, close_ping = metrics_server.redis_check(settings)
+    metrics_server.PROBE.watch({"redis": ping, "slack": _connecting}, live=("slack",))  # the mode replaces it
     reader = ReplyReader(redis, settings, "slack")
     rendering = asyncio.create_task(reader.run(adapter.renderer.handle, stop), name="slack-replies")
     try:
+        await _who_am_i(adapter)
         if settings.slack_mode == "socket":
             await _socket_mode(adapter, settings, stop)
         else:
             await _http_mode(adapter, settings, stop)
     finally:
+        metrics_server.PROBE.stop()
         stop.set()
         await rendering
         await adapter.close()
+        await close_ping()
         await redis.aclose()
+
+
+async def _connecting() -> str:
+    raise ConnectionError("connecting to Slack")
+
+
+async def _who_am_i(adapter: SlackAdapter) -> None:
+    """auth.test once at start: a revoked or mistyped bot token is one clear line now, not a
+    failure at the first reply."""
+    try:
+        me = await adapter.client.auth_test()
+    except SlackApiError as exc:
+        error = exc.response.get("error") if exc.response is not None else None
+        raise ConfigError(f"Slack rejected CODELOOP_SLACK_BOT_TOKEN ({error or exc}): copy the Bot User "
+                          "OAuth Token (xoxb-…) from OAuth & Permissions; `codeloop doctor --only slack` "
+                          "checks it") from None
+    log.info("Slack bot %s (%s) in team %s", me.get("user"), me.get("user_id"), me.get("team"))
 
 
 async def _socket_mode(adapter: SlackAdapter, settings: Settings, stop: asyncio.Event) -> None:
@@ -85,6 +114,13 @@ async def _socket_mode(adapter: SlackAdapter, settings: Settings, stop: asyncio.
     handler = AsyncSocketModeHandler(adapter.app, settings.slack_app_token.get_secret_value())
     await handler.connect_async()  # type: ignore[no-untyped-call]
     log.info("connected to Slack in Socket Mode")
+
+    async def connected() -> str:
+        if not await handler.client.is_connected():
+            raise ConnectionError("the Socket Mode connection to Slack is down (reconnecting)")
+        return "Socket Mode connected"
+
+    metrics_server.PROBE.watch({"slack": connected}, live=("slack",))
     try:
         await stop.wait()
     finally:
@@ -98,6 +134,14 @@ async def _http_mode(adapter: SlackAdapter, settings: Settings, stop: asyncio.Ev
     await site.start()
     log.info("listening for Slack events on http://%s:%d%s", settings.slack_http_host,
              settings.slack_http_port, EVENTS_PATH)
+    where = f"{settings.slack_http_host}:{settings.slack_http_port}{EVENTS_PATH}"
+
+    async def listening() -> str:
+        if site._server is None or not site._server.is_serving():
+            raise ConnectionError(f"the events listener on {where} is not serving")
+        return f"HTTP mode, listening on {where}"
+
+    metrics_server.PROBE.watch({"slack": listening}, live=("slack",))
     try:
         await stop.wait()
     finally:
