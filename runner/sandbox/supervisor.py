@@ -201,10 +201,11 @@ class Supervisor:
                 res["error"]["name"] = "TimeoutError"
                 res["error"]["value"] = f"The cell ran longer than {cell['timeout']:g} s and was interrupted."
             reaped: dict[int, int] = {}
-            if not procs.kill_others(self.kernel.pid, reaped) or self.kernel.pid in reaped:
+            settled = procs.kill_others(self.kernel.pid, reaped)
+            if not settled or self.kernel.pid in reaped:
                 self.restart()
                 res["restarted"] = True
-                notes.append("Processes the cell left running could not be stopped. " + RESTARTED)
+                notes.append(("" if settled else "Processes the cell left running could not be stopped. ") + RESTARTED)
             self.kernel.drain()
         elif problem is not None:
             self.restart()
@@ -226,8 +227,7 @@ class Supervisor:
                 value = "The cell used more memory than the sandbox allows and was killed."
                 res["error"] = {"name": "MemoryError", "traceback": "", "value": value}
             else:
-                name = signal.Signals(sig).name if sig else "exit"
-                value = f"The Python process died ({name})."
+                value = f"The Python process died ({_signal_name(sig)})."
                 res["error"] = {"name": "KernelDied", "traceback": "", "value": value}
             notes.append(RESTARTED)
         if self.kernel.foreign:
@@ -312,6 +312,15 @@ class Supervisor:
             self.finish(None, _signal_of(kernel.status))
         else:
             self.tick()
+
+
+def _signal_name(sig: int) -> str:
+    if not sig:
+        return "exit"
+    try:
+        return signal.Signals(sig).name
+    except ValueError:  # a real-time signal without a name
+        return f"signal {sig}"
 
 
 def _signal_of(status: int) -> int:

@@ -203,6 +203,13 @@ async def test_ctypes_segfault(manager: SandboxManager) -> None:
     await assert_usable(victim)
 
 
+async def test_kernel_killed_by_a_nameless_signal(session: SandboxSession) -> None:
+    result = await session.run("import os\nos.kill(os.getpid(), 40)  # real-time: no name in signal.Signals")
+    assert result.restarted and result.error is not None
+    assert result.error.value == "The Python process died (signal 40)."
+    await assert_usable(session)
+
+
 async def test_kill_pid_1(manager: SandboxManager) -> None:
     result, victim = await attack(
         manager, "import os, signal\nos.kill(1, signal.SIGKILL)\nimport time\ntime.sleep(0.3)\nz = 7"
@@ -244,6 +251,15 @@ async def test_signals_to_pid_1_change_nothing(manager: SandboxManager) -> None:
     result, victim = await attack(manager, code)
     assert result.error is None and result.results[0].text in ("'S'", "'R'")  # not 'T' (stopped)
     assert (await run_ok(victim, "z")).results[0].text == "7"  # the same kernel answers the next cell
+
+
+async def test_the_engine_still_stops_the_sandbox(session: SandboxSession, docker_client: docker.DockerClient) -> None:
+    # SIGTERM from outside the container (docker stop) is honoured: exit status 0, not the
+    # SIGKILL (137) the engine sends when its stop timeout runs out.
+    await run_ok(session, "import os, signal\nos.kill(1, signal.SIGTERM)")  # from inside: ignored
+    waited = asyncio.create_task(asyncio.to_thread(docker_client.api.wait, session.id))
+    await asyncio.to_thread(docker_client.api.stop, session.id, timeout=120)
+    assert (await waited)["StatusCode"] == 0
 
 
 async def test_pid_1_fds_memory_and_ptrace_are_closed_to_cells(session: SandboxSession) -> None:
