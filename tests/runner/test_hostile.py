@@ -363,6 +363,7 @@ async def test_reset_gives_a_clean_session(session: SandboxSession) -> None:
         "import os\nimport matplotlib.pyplot as plt\n"
         "(os.listdir('/dev/shm'), sorted(os.listdir('/tmp')), open('/proc/sysvipc/shm').read().count('\\n'), "
         "os.listdir('/mnt/data'), 'x' in globals())",
+        timeout=60,  # the first import of matplotlib is slow on a busy machine
     )
     assert result.results[0].text == "([], ['.mpl'], 1, ['keep.txt'], False)"  # header line only
     assert (await run_ok(session, PROCESSES)).results[0].text == "True"
