@@ -81,7 +81,8 @@ class Settings(BaseSettings):
     sandbox_data_size: str = "256m"
     sandbox_nofile: int = Field(256, ge=32)
     sandbox_fsize: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
-    sandbox_user: str = "10001:10001"
+    sandbox_user: str = Field("auto", pattern=r"^(auto|[1-9][0-9]{0,9}(:[1-9][0-9]{0,9})?)$",
+                              description="auto: a random uid:gid per sandbox; uid:gid pins one")
     sandbox_idle_ttl_s: float = Field(1800.0, gt=0)
     sandbox_pool_size: int = Field(2, ge=0, le=256)
     sandbox_pool_claim_ttl_s: float = Field(60.0, gt=0, description="a warm container unpinged this long exits")

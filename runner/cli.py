@@ -17,7 +17,15 @@ from runner.config import NAME_LABEL, SESSION_LABEL
 
 HERE = Path(__file__).resolve().parent
 CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem")
-CONTEXT_FILES = ("Dockerfile", "sandbox/supervisor.py", "sandbox/kernel.py", "sandbox/files.py")
+CONTEXT_FILES = (
+    "Dockerfile",
+    "sandbox/supervisor.py",
+    "sandbox/kernel.py",
+    "sandbox/files.py",
+    "sandbox/procs.py",
+    "sandbox/wire.py",
+    "sandbox/link.py",
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

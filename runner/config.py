@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -16,12 +17,19 @@ if TYPE_CHECKING:
     from bot.settings import Settings
 
 #: image label checked at start: an image built from an older executor is refused, not half-used
-PROTOCOL = "2"
+PROTOCOL = "3"
 SUPERVISOR = ["python", "-u", "/opt/codeloop/supervisor.py"]
 DATA_DIR = "/mnt/data"
 SESSION_LABEL = "codeloop.session"
 NAME_LABEL = "codeloop.label"
 POOL_LABEL = "pool"  # label of a warm container no thread has taken yet
+#: ``user`` value for a fresh uid:gid per container, drawn from UID_RANGE (the default)
+AUTO_USER = "auto"
+#: per-session uids: above every uid a distribution or the service image (10001) hands out, below
+#: 2^31 - 1 (what the docker proxy accepts); kernel per-uid limits are then not shared by sessions
+UID_RANGE = (1 << 20, (1 << 31) - 1)
+#: the kernel's budget for one cell's rich results (runner/sandbox/kernel.py RESULTS_BYTES)
+RESULTS_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -36,7 +44,8 @@ class SandboxConfig:
     data_size: str = "256m"
     nofile: int = 256
     fsize: int = 256 * 1024 * 1024
-    user: str = "10001:10001"
+    #: "auto": a fresh random uid:gid per container (UID_RANGE); "uid:gid" pins one for all
+    user: str = AUTO_USER
     idle_ttl_s: float = 1800.0
     pool_size: int = 2
     #: a warm container no thread has taken exits after this long without its worker's ping
@@ -46,6 +55,8 @@ class SandboxConfig:
     max_file_bytes: int = 10 * 1024 * 1024
     #: all files of one cell together; bounds the largest legitimate reply the host accepts
     max_total_file_bytes: int = 32 * 1024 * 1024
+    #: the largest upload; bounds a request line the supervisor accepts (base64 inside JSON)
+    max_upload_bytes: int = 25 * 1024 * 1024
     #: after an interrupt, how long the cell may take to stop before the kernel is killed
     interrupt_grace_s: float = 1.0
     #: container create + start + executor ready
@@ -78,15 +89,34 @@ class SandboxConfig:
                 "max_total_file_bytes",
             )
         }
+        values["max_upload_bytes"] = settings.max_upload_bytes
         values["labels"] = dict(item.split("=", 1) for item in settings.sandbox_labels)
         values["labels"].update(overrides.pop("labels", {}))
         values.update(overrides)
         return cls(**values)
 
-    @property
-    def uid_gid(self) -> tuple[str, str]:
+    def draw_user(self) -> tuple[str, str]:
+        """(uid, gid) for one new container: random per container unless ``user`` pins them."""
+        if self.user == AUTO_USER:
+            uid = str(UID_RANGE[0] + secrets.randbelow(UID_RANGE[1] - UID_RANGE[0]))
+            return uid, uid
         uid, _, gid = self.user.partition(":")
         return uid, gid or uid
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The longest request line the supervisor reads: an upload, base64-encoded, plus room."""
+        return self.max_upload_bytes * 4 // 3 + (1 << 20)
+
+    @property
+    def max_reply_bytes(self) -> int:
+        """The longest line a well-behaved supervisor sends (a run reply): every file base64-encoded
+        (names JSON-escaped), the kernel's answer as the supervisor accepts it (rich results,
+        error) re-escaped, inline stdout/stderr JSON-escaped, notes. A longer line is a violation."""
+        files = self.max_total_file_bytes * 4 // 3 + (self.max_files + 2) * (6 * 4096 + 128)
+        kernel_answer = RESULTS_BYTES + 48 * self.output_chars + (1 << 20)
+        inline = 2 * 12 * (self.output_chars + 200)
+        return files + kernel_answer * 7 // 6 + inline + (1 << 20)
 
     def command(self, claim_ttl_s: float = 0.0) -> list[str]:
         return [
@@ -107,6 +137,8 @@ class SandboxConfig:
             str(self.max_file_bytes),
             "--max-total-file-bytes",
             str(self.max_total_file_bytes),
+            "--max-request-bytes",
+            str(self.max_request_bytes),
         ]
 
 
@@ -116,9 +148,9 @@ def _tmpfs(size: str, uid: str, gid: str, mode: str) -> str:
     return f"rw,nosuid,nodev,size={size},uid={uid},gid={gid},mode={mode}"
 
 
-def host_config(api: Any, config: SandboxConfig) -> dict[str, Any]:
-    """The hardened HostConfig of every sandbox container."""
-    uid, gid = config.uid_gid
+def host_config(api: Any, config: SandboxConfig, user: tuple[str, str]) -> dict[str, Any]:
+    """The hardened HostConfig of a sandbox container running as ``user`` (uid, gid)."""
+    uid, gid = user
     opts: dict[str, Any] = {
         "network_mode": "none",
         "read_only": True,
@@ -136,7 +168,9 @@ def host_config(api: Any, config: SandboxConfig) -> dict[str, Any]:
             Ulimit(name="nofile", soft=config.nofile, hard=config.nofile),
             Ulimit(name="fsize", soft=config.fsize, hard=config.fsize),
         ],
-        "init": True,  # docker-init as PID 1 reaps orphans and cannot be killed from inside
+        # The supervisor is PID 1 itself: it reaps orphans, signals from inside cannot kill or stop
+        # it, and no other process (docker-init) holds the attach stream.
+        "init": False,
         "auto_remove": True,  # the executor exits after the idle TTL; the engine then cleans up
         "log_config": LogConfig(type="none"),  # protocol traffic (uploads, files) never hits disk
         "ipc_mode": "private",
@@ -149,12 +183,14 @@ def host_config(api: Any, config: SandboxConfig) -> dict[str, Any]:
 
 def container_spec(api: Any, config: SandboxConfig, label: str, claim_ttl_s: float = 0.0) -> dict[str, Any]:
     """The engine's container config for one sandbox (for ``APIClient.create_container_from_config``);
-    ``claim_ttl_s`` > 0 for a warm-pool container (see the supervisor's ``--claim-ttl``)."""
+    ``claim_ttl_s`` > 0 for a warm-pool container (see the supervisor's ``--claim-ttl``). Each call
+    draws the container's own uid:gid (``SandboxConfig.draw_user``); its tmpfs mounts follow it."""
+    user = config.draw_user()
     spec: dict[str, Any] = api.create_container_config(
         **{
             "image": config.image,
             "command": config.command(claim_ttl_s),
-            "user": config.user,
+            "user": ":".join(user),
             # Explicit and minimal: nothing of the worker's environment (tokens, URLs) is passed on.
             "environment": {
                 "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -167,7 +203,7 @@ def container_spec(api: Any, config: SandboxConfig, label: str, claim_ttl_s: flo
             "tty": False,
             "network_disabled": True,
             "labels": {**config.labels, SESSION_LABEL: "1", NAME_LABEL: label[:200]},
-            "host_config": host_config(api, config),
+            "host_config": host_config(api, config, user),
         }
     )
     # The SDK sets StdinOnce with stdin_open, which closes stdin (and so ends the executor) when

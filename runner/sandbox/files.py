@@ -7,12 +7,15 @@ and files are opened with O_NOFOLLOW so a symlink swapped in after the scan is r
 from __future__ import annotations
 
 import base64
+import json
 import os
 import stat
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 MAX_ENTRIES = 10_000  # a scan stops here; a cell creating more gets a note, not a stalled session
 UPLOAD_PREFIX = ".upload-"
+CHUNK = 3 << 16  # bytes read and base64-encoded at a time (a multiple of 3)
 Key = tuple[str, int, int, int]
 
 
@@ -35,8 +38,8 @@ class Output:
         if len(self.tail) > 2 * keep:
             del self.tail[:-keep]
 
-    def render(self, name: str, limit: int) -> tuple[str, dict[str, Any] | None, str | None]:
-        """(inline text, full output as a file or None, note or None)."""
+    def render(self, name: str, limit: int) -> tuple[str, Outgoing | None, str | None]:
+        """(inline text, full output as a file to stream or None, note or None)."""
         if self.total == len(self.buf):
             text = self.buf.decode("utf-8", "replace")
             if len(text) <= limit:
@@ -52,14 +55,7 @@ class Output:
         note = f"The {name} was too long to show ({self.total:,} bytes); it is attached in full as {name}.txt"
         if self.total > len(self.buf):
             note += f" (its first {self.cap:,} bytes; the rest was dropped)"
-        data = bytes(self.buf)
-        file = {
-            "name": f"{name}.txt",
-            "size": len(data),
-            "mime": "text/plain",
-            "data": base64.b64encode(data).decode(),
-        }
-        return text, file, note + "."
+        return text, Outgoing(f"{name}.txt", len(self.buf), "text/plain", data=self.buf), note + "."
 
 
 def oom_kills() -> int | None:
@@ -107,57 +103,123 @@ def snapshot(root: str) -> dict[str, Key]:
     return _walk(root)[0]
 
 
-def _read(path: str, key: Key, limit: int) -> bytes | None:
+def name_ok(rel: str) -> bool:
+    """Whether a path the cell wrote may be handed back as it is: valid UTF-8 (a name that is not
+    decodes to lone surrogates), no control character or backslash, each part at most 255 bytes."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_ino != key[1]:
-            return None  # replaced since the scan
-        chunks, size = [], 0
-        while size <= limit:
-            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
+        raw = rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    if len(raw) > 4096 or any(ord(c) < 32 or ord(c) == 127 or c == "\\" for c in rel):
+        return False
+    return all(part not in ("", ".", "..") and len(part.encode()) <= 255 for part in rel.split("/"))
+
+
+def shown(rel: str) -> str:
+    """A name for a note: undecodable bytes and control characters as visible escapes."""
+    return repr(rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+
+
+@dataclass
+class Outgoing:
+    """One file of a reply, streamed when the reply is written: from memory or from /mnt/data."""
+
+    name: str
+    size: int
+    mime: str | None = None
+    data: bytes | bytearray | None = None
+    path: str = ""
+    ino: int = 0
+
+    def stream(self, write: Callable[[bytes], None], sep: bytes = b"") -> bool:
+        """Write ``sep`` and this file's JSON object (base64 data, at most ``size`` bytes); False,
+        writing nothing, when the file is gone or was replaced since the scan."""
+        if self.data is not None:
+            view = memoryview(self.data)[: self.size]
+            self._emit(write, sep, (view[i : i + CHUNK] for i in range(0, len(view), CHUNK)))
+            return True
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_ino != self.ino:
+                return False
+            self._emit(write, sep, _chunks(fd, self.size))
+            return True
+        finally:
+            os.close(fd)
+
+    def _emit(self, write: Callable[[bytes], None], sep: bytes, chunks: Iterable[bytes | memoryview]) -> None:
+        head = {"name": self.name, **({"mime": self.mime} if self.mime else {})}
+        write(sep + json.dumps(head)[:-1].encode() + b', "data": "')
+        size, carry = 0, b""
+        for chunk in chunks:
             size += len(chunk)
-        return b"".join(chunks) if size <= limit else None
-    finally:
-        os.close(fd)
+            block = carry + bytes(chunk)
+            cut = len(block) - len(block) % 3  # base64 of whole 3-byte groups concatenates cleanly
+            write(base64.b64encode(block[:cut]))
+            carry = block[cut:]
+        write(base64.b64encode(carry) + b'", "size": %d}' % size)
+
+
+def _chunks(fd: int, limit: int) -> Iterator[bytes]:
+    left = limit
+    while left > 0:
+        chunk = os.read(fd, min(CHUNK, left))
+        if not chunk:
+            return  # shorter than at the scan: what is there is returned
+        left -= len(chunk)
+        yield chunk
 
 
 def scan(
-    root: str, before: dict[str, Key], max_files: int, max_bytes: int
-) -> tuple[list[dict[str, Any]], list[str], dict[str, Key]]:
-    """Files created or changed since ``before``: (file results, notes, new snapshot)."""
+    root: str, before: dict[str, Key], max_files: int, max_bytes: int, total: int, used: int = 0
+) -> tuple[list[Outgoing], list[str], dict[str, Key]]:
+    """Files created or changed since ``before``, in name order, while at most ``max_files`` of
+    them and ``total`` bytes together (``used`` already taken) are returned: (files to stream,
+    notes, new snapshot). Sizes are the scan's ``st_size``, so a sparse or oversized file is judged
+    before a byte of it is read."""
+    budget = total - used
     now, capped = _walk(root)
     changed = sorted(rel for rel, key in now.items() if before.get(rel) != key)
-    files: list[dict[str, Any]] = []
+    files: list[Outgoing] = []
     notes: list[str] = []
     links = [rel for rel in changed if now[rel][0] == "link"]
     if links:
-        notes.append(
-            "Symbolic links are never returned: " + ", ".join(links[:5]) + (" ..." if len(links) > 5 else "")
-        )
+        notes.append("Symbolic links are never returned: " + _names(links))
     big: list[str] = []
+    bad: list[str] = []
+    rest: list[str] = []
     left = 0
     for rel in changed:
         key = now[rel]
         if key[0] != "file":
             continue
-        if key[2] > max_bytes:
-            big.append(f"{rel} ({key[2]:,} bytes)")
-            continue
-        if len(files) >= max_files:
+        if not name_ok(rel):
+            bad.append(rel)
+        elif key[2] > max_bytes:
+            big.append(f"{shown(rel)} ({key[2]:,} bytes)")
+        elif len(files) >= max_files:
             left += 1
-            continue
-        data = _read(os.path.join(root, rel), key, max_bytes)
-        if data is not None:
-            files.append({"name": rel, "size": len(data), "data": base64.b64encode(data).decode()})
+        elif rest or key[2] > budget:
+            rest.append(rel)
+        else:
+            files.append(Outgoing(rel, key[2], path=os.path.join(root, rel), ino=key[1]))
+            budget -= key[2]
+    if bad:
+        notes.append(
+            "Files whose names are not plain UTF-8 text (or hold control characters or a backslash) "
+            "were not returned; rename them: " + _names(bad)
+        )
     if big:
         notes.append(f"Files over the {max_bytes:,}-byte limit were not returned: " + ", ".join(big[:5]))
+    if rest:
+        notes.append(
+            f"{len(rest)} more changed files were not returned (the files of one cell are capped at "
+            f"{total:,} bytes together): " + _names(rest)
+        )
     if left:
         notes.append(
             f"{left} more changed files under /mnt/data were not returned (at most {max_files} per cell)."
@@ -167,6 +229,10 @@ def scan(
             f"/mnt/data holds more than {MAX_ENTRIES:,} entries; only the first were checked for changes."
         )
     return files, notes, now
+
+
+def _names(rels: list[str]) -> str:
+    return ", ".join(shown(rel) for rel in rels[:5]) + (" ..." if len(rels) > 5 else "")
 
 
 def write_upload(root: str, name: str, data: bytes) -> str:

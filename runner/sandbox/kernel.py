@@ -2,8 +2,10 @@
 
 Runs inside the sandbox, forked by supervisor.py; stdlib only (numpy/pandas/matplotlib are used
 only if the user's code imported them). It reads one JSON command per line from ``cmd_fd`` and
-answers one JSON line on ``ctl_fd``. stdout/stderr are pipes the supervisor drains and caps, so a
-flood never blocks here and output of subprocesses is captured too.
+answers one JSON line on ``ctl_fd``, a Unix socket on which the supervisor learns each writer's
+pid from the kernel (SCM_CREDENTIALS): a process the cell forked cannot answer for it.
+stdout/stderr are pipes the supervisor drains and caps, so a flood never blocks here and output
+of subprocesses is captured too.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import traceback
 import warnings
 from typing import Any
 
+import procs
+
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 THIS_FILE = __file__
 MIME_METHODS = (
@@ -33,6 +37,9 @@ MIME_METHODS = (
     ("_repr_json_", "application/json"),
 )
 RICH_CAP = 200_000  # a single text/html or JSON repr beyond this is dropped (text/plain stays)
+#: the rich results of one cell together (JSON bytes); later ones are dropped with a note. The
+#: supervisor refuses a reply much larger than this (see its MAX_CTL_BYTES).
+RESULTS_BYTES = 8 * 1024 * 1024
 
 
 def _cap(text: str, limit: int) -> str:
@@ -47,6 +54,8 @@ class Kernel:
         self.ctl_fd = ctl_fd
         self.output_chars = output_chars
         self.results: list[dict[str, Any]] = []
+        self.results_bytes = 0
+        self.dropped = 0
         self.ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
         self.ns["display"] = self.display
 
@@ -81,7 +90,15 @@ class Kernel:
     def display(self, *objs: Any) -> None:
         """IPython's display(): each object becomes a display_data result of this cell."""
         for obj in objs:
-            self.results.append({"kind": "display_data", "data": self.bundle(obj)})
+            self.add_result("display_data", self.bundle(obj))
+
+    def add_result(self, kind: str, data: dict[str, str]) -> None:
+        size = len(json.dumps(data))
+        if self.results_bytes + size > RESULTS_BYTES:
+            self.dropped += 1
+            return
+        self.results_bytes += size
+        self.results.append({"kind": kind, "data": data})
 
     def collect_figures(self) -> None:
         # Figures left open by the cell are its plots (no plt.show() needed, as in Jupyter).
@@ -111,8 +128,9 @@ class Kernel:
         filename = f"<cell-{n}>"
         # Registered so tracebacks and inspect.getsource show the cell's own lines.
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-        self.results = []
+        self.results, self.results_bytes, self.dropped = [], 0, 0
         error = None
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the cell's subprocesses report to it as usual
         try:
             tree = ast.parse(code, filename)
             last = None
@@ -125,7 +143,7 @@ class Kernel:
                     value = eval(compile(last, filename, "eval"), self.ns)
                     if value is not None:
                         self.ns["_"] = value
-                        self.results.append({"kind": "execute_result", "data": self.bundle(value)})
+                        self.add_result("execute_result", self.bundle(value))
             finally:
                 # Between cells an interrupt must not hit the executor's own code.
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -140,7 +158,14 @@ class Kernel:
                 stream.flush()
             except Exception:
                 pass
-        return {"t": "done", "n": n, "results": self.results, "error": error}
+        forget_children()
+        notes = []
+        if self.dropped:
+            notes.append(
+                f"{self.dropped} more displayed results were dropped: one cell shows at most "
+                f"{RESULTS_BYTES // 2**20} MiB of rich output."
+            )
+        return {"t": "done", "n": n, "results": self.results, "error": error, "notes": notes}
 
     def send(self, msg: dict[str, Any]) -> None:
         data = (json.dumps(msg) + "\n").encode()
@@ -149,11 +174,29 @@ class Kernel:
             view = view[os.write(self.ctl_fd, view) :]
 
 
+def forget_children() -> None:
+    """At the end of a cell: the supervisor kills whatever the cell left running once this reply is
+    sent; with SIGCHLD ignored those children vanish when they die instead of staying zombies that
+    hold pid slots, and the ones already dead are reaped here."""
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
 def serve(cmd_fd: int, ctl_fd: int, output_chars: int) -> None:
     """Entry point in the forked child; never returns."""
     me = os.getpid()
-    for name in ("SIGCHLD", "SIGTERM", "SIGPIPE"):
+    # The supervisor is non-dumpable (fork keeps that); the kernel is an ordinary process again,
+    # so /proc/self stays the cell's own (oom_score_adj below, /proc/self/fd, ...).
+    procs.set_dumpable(True)
+    for name in ("SIGTERM", "SIGPIPE"):
         signal.signal(getattr(signal, name), signal.SIG_DFL if name != "SIGPIPE" else signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         # Raising our own OOM score needs no privilege: the memory limit then kills the cell's
@@ -179,6 +222,5 @@ def serve(cmd_fd: int, ctl_fd: int, output_chars: int) -> None:
             reply = kernel.run_cell(req["code"], req["n"])
             if os.getpid() != me:
                 os._exit(0)  # a fork() inside the cell returned here: only the kernel may answer
-            reply["pid"] = me
             kernel.send(reply)
     os._exit(0)

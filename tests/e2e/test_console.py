@@ -139,7 +139,8 @@ async def test_console_cli_with_piped_stdin(model_server: Any, make_settings: An
     model_server.script = ["```python\nprint(6 * 7)\n```", "The answer is 42."]
     settings: Settings = make_settings(llm_url=model_server.url)
     env = {**os.environ, "CODELOOP_REDIS_URL": settings.redis_url, "CODELOOP_KEY_PREFIX": key_prefix,
-           "CODELOOP_LLM_URL": model_server.url, "CODELOOP_SANDBOX_POOL_SIZE": "0"}
+           "CODELOOP_LLM_URL": model_server.url, "CODELOOP_SANDBOX_POOL_SIZE": "0",
+           "CODELOOP_SANDBOX_IMAGE": settings.sandbox_image}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot.cli", "console", "--out", str(tmp_path),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)

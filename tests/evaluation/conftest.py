@@ -18,6 +18,7 @@ from bot.evaluation.problems import Problem
 from bot.settings import Settings
 from runner.config import SandboxConfig
 from runner.manager import SandboxManager
+from tests.runner.conftest import IMAGE
 
 PROBLEMS = load_problems()
 _BY_PROMPT = {p.prompt.strip(): p for p in PROBLEMS}
@@ -48,7 +49,7 @@ def parse_args(*argv: str, benchmark: str = "humaneval") -> argparse.Namespace:
 @pytest.fixture
 async def eval_manager(key_prefix: str) -> AsyncIterator[SandboxManager]:
     """A sandbox manager whose containers carry this test's label; all of them are removed after."""
-    config = SandboxConfig(memory="256m", pool_size=0, labels={"codeloop.test": key_prefix})
+    config = SandboxConfig(image=IMAGE, memory="256m", pool_size=0, labels={"codeloop.test": key_prefix})
     manager = SandboxManager(config)
     await manager.start()
     yield manager

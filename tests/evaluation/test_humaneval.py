@@ -18,6 +18,7 @@ from bot.llm import make_client
 from bot.settings import Settings
 from runner.manager import SandboxManager
 from tests.evaluation.conftest import PROBLEMS, feedback_turns, fenced, parse_args, task_of
+from tests.runner.conftest import IMAGE
 
 pytestmark = [pytest.mark.docker]
 
@@ -196,6 +197,7 @@ async def test_cli_with_data_file(eval_settings: Callable[..., Settings], model_
     model_server.script = lambda m: fenced("return a + b" if "add" in m[0]["content"] else "return a")
     monkeypatch.setenv("CODELOOP_LLM_URL", model_server.url)
     monkeypatch.setenv("CODELOOP_SANDBOX_MEMORY", "256m")
+    monkeypatch.setenv("CODELOOP_SANDBOX_IMAGE", IMAGE)
     before = {c.id for c in docker.from_env().containers.list(all=True)}
 
     out = tmp_path / "out"

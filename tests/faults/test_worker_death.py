@@ -56,7 +56,8 @@ async def test_worker_killed_mid_cell_job_reattaches_and_finishes_once(
     settings: Settings = make_settings(llm_url=model_server.url, claim_idle_s=1.0)
     env = {**os.environ, "CODELOOP_REDIS_URL": settings.redis_url, "CODELOOP_KEY_PREFIX": key_prefix,
            "CODELOOP_LLM_URL": model_server.url, "CODELOOP_CLAIM_IDLE_S": "1", "CODELOOP_SANDBOX_POOL_SIZE": "0",
-           "CODELOOP_SANDBOX_LABELS": f"codeloop.test={key_prefix}", "CODELOOP_SANDBOX_CELL_TIMEOUT_S": "20"}
+           "CODELOOP_SANDBOX_LABELS": f"codeloop.test={key_prefix}", "CODELOOP_SANDBOX_CELL_TIMEOUT_S": "20",
+           "CODELOOP_SANDBOX_IMAGE": settings.sandbox_image}
     victim = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot.cli", "worker", env=env,
                                                   stdout=asyncio.subprocess.DEVNULL,
                                                   stderr=asyncio.subprocess.DEVNULL)

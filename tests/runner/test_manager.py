@@ -15,7 +15,7 @@ import pytest
 from bot.errors import SandboxUnavailable, SessionLost
 from runner.config import SandboxConfig
 from runner.manager import SandboxManager
-from tests.runner.conftest import TEST_LABEL
+from tests.runner.conftest import IMAGE, TEST_LABEL
 from tests.runner.helpers import run_ok
 
 MakeManager = Callable[..., Awaitable[SandboxManager]]
@@ -70,7 +70,7 @@ REATTACH_SCRIPT = textwrap.dedent("""
     from runner.manager import SandboxManager
 
     async def main():
-        manager = SandboxManager(SandboxConfig(labels={{"{label}": "{run_id}"}}, pool_size=0))
+        manager = SandboxManager(SandboxConfig(image="{image}", labels={{"{label}": "{run_id}"}}, pool_size=0))
         await manager.start()
         session, _ = await manager.acquire(None, "worker-a")
         result = await session.run("answer = 42\\nopen('notes.txt', 'w').write('kept')")
@@ -83,7 +83,7 @@ REATTACH_SCRIPT = textwrap.dedent("""
 
 
 async def test_reattach_from_another_process(make_manager: MakeManager, run_id: str) -> None:
-    script = REATTACH_SCRIPT.format(label=TEST_LABEL, run_id=run_id)
+    script = REATTACH_SCRIPT.format(image=IMAGE, label=TEST_LABEL, run_id=run_id)
     proc = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
     )
@@ -130,13 +130,14 @@ async def test_activity_keeps_session_alive(make_manager: MakeManager) -> None:
     assert (await run_ok(session, "x")).results[0].text == "5"
 
 
-async def test_killed_executor_loses_session(make_manager: MakeManager) -> None:
+async def test_killed_executor_loses_session(make_manager: MakeManager, docker_client: docker.DockerClient) -> None:
     manager = await make_manager()
     session, _ = await manager.acquire(None, "doomed")
+    # A cell cannot kill the executor (PID 1, tests/runner/test_hostile.py); the engine can.
+    running = asyncio.create_task(session.run("import time\ntime.sleep(30)", timeout=60))
+    await asyncio.to_thread(docker_client.api.kill, session.id, "SIGKILL")
     with pytest.raises(SessionLost):
-        await session.run(
-            "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nimport time\ntime.sleep(5)"
-        )
+        await running
     fresh, note = await manager.acquire(session.id, "doomed")
     assert fresh.id != session.id
     assert note is not None and "stopped unexpectedly" in note
@@ -162,10 +163,12 @@ async def test_container_hardening(manager: SandboxManager, docker_client: docke
     assert host["NetworkMode"] == "none" and host["ReadonlyRootfs"] is True
     assert host["CapDrop"] == ["ALL"] and host["SecurityOpt"] == ["no-new-privileges"]
     assert host["PidsLimit"] == 128 and host["Memory"] == host["MemorySwap"] == 256 * 1024 * 1024
-    assert host["NanoCpus"] == 10**9 and host["Init"] is True and host["AutoRemove"] is True
+    assert host["NanoCpus"] == 10**9 and not host["Init"] and host["AutoRemove"] is True  # the supervisor is PID 1
     assert host["Binds"] in (None, []) and host["LogConfig"]["Type"] == "none"
     assert {u["Name"] for u in host["Ulimits"]} == {"nofile", "fsize"}
     assert set(host["Tmpfs"]) == {"/tmp", "/mnt/data"}
-    assert attrs["Config"]["User"] == "10001:10001"
+    uid, gid = attrs["Config"]["User"].split(":")  # the session's own, drawn for this container
+    assert uid == gid and 2**20 <= int(uid) < 2**31 - 1
+    assert all(f"uid={uid},gid={gid}" in opts for opts in host["Tmpfs"].values())
     assert attrs["Config"]["Labels"]["codeloop.session"] == "1"
     assert attrs["Config"]["Labels"]["codeloop.label"] == "inspect"
