@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("bot.worker", "consume jobs: generate, run code in sandboxes, publish replies"),
     "slack": ("bot.adapters.slack.cli", "run the Slack bot (Socket Mode, or HTTP Events API)"),
     "discord": ("bot.adapters.discord.cli", "run the Discord bot (/code slash command)"),
-    "sandbox": ("runner.cli", "build the sandbox image, list or clean sandboxes"),
+    "sandbox": ("runner.cli", "build the sandbox image, list, reap or clean sandboxes"),
     "doctor": ("bot.doctor", "check Redis, Docker, the sandbox image, the model and tokens"),
     "eval": ("bot.evaluation.cli", "measure pass@1 with execution feedback (HumanEval)"),
     "bench": ("bot.bench.cli", "benchmarks: queue | runner | generate | ack"),
