@@ -10,7 +10,9 @@ in chunks of at most 64 KiB whatever their header claims, a line may not grow pa
 largest reply an honest executor sends, ``ReplyLimits.max_line``), a line must be ASCII JSON (the
 executor escapes the rest) that cannot grow into far more objects than bytes, and stderr is only
 logged, up to a cap. Anything else is a protocol violation: reading stops, the connection closes and
-``violation`` says why (the session then removes the container).
+``violation`` says why (the session then removes the container). One exception: a first line that
+does not parse is dropped, since a worker attaching while the executor writes a line to another
+worker receives only that line's tail.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class AttachStream:
         self._max_line = max_line
         self._line = bytearray()  # the part of a line that arrived without its newline yet
         self._stderr = 0
+        self._first = True  # the first line may be the tail of one written before we attached
         self.closed = False
         #: why the stream was cut (a protocol violation), None if it ended or was closed by us
         self.violation: str | None = None
@@ -179,19 +182,28 @@ class AttachStream:
             line, self._line = self._line, bytearray()
         if not line or line.isspace():
             return
+        first, self._first = self._first, False
         try:
-            text = line.decode("ascii")
-        except UnicodeDecodeError:
-            raise MalformedReply("a line that is not ASCII JSON") from None
-        del line
-        check_amplification(text)
-        try:
-            msg = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise MalformedReply(f"a line that is not JSON ({type(exc).__name__}: {str(exc)[:100]})") from None
-        del text
-        if not isinstance(msg, dict):
-            raise MalformedReply(f"a JSON {type(msg).__name__} where an object belongs")
+            try:
+                text = line.decode("ascii")
+            except UnicodeDecodeError:
+                raise MalformedReply("a line that is not ASCII JSON") from None
+            del line  # a long line is held once: as bytes, then as text, then parsed
+            check_amplification(text)
+            try:
+                msg = json.loads(text)
+            except (ValueError, RecursionError) as exc:
+                raise MalformedReply(f"a line that is not JSON ({type(exc).__name__}: {str(exc)[:100]})") from None
+            del text
+            if not isinstance(msg, dict):
+                raise MalformedReply(f"a JSON {type(msg).__name__} where an object belongs")
+        except MalformedReply:
+            if first:
+                # Attached while the executor was writing a line (to another worker): its tail is
+                # dropped, not believed. Its length was bounded like any other line.
+                log.debug("sandbox stream: skipped a partial first line")
+                return
+            raise
         self._on_message(msg)
 
     def _feed_stderr(self, chunk: bytes) -> None:

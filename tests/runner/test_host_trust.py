@@ -259,10 +259,20 @@ async def test_a_line_of_tiny_frames_stops_at_the_cap() -> None:
                                   b"[" * 100_000 + b"]" * 100_000])
 async def test_a_line_that_is_not_an_ascii_json_object_cuts_the_stream(line: bytes) -> None:
     async def frames(writer: asyncio.StreamWriter) -> None:
-        writer.write(frame(1, line + b"\n"))
+        writer.write(frame(1, b'{"event": "ready"}\n' + line + b"\n"))
 
     violation, received = await cut_by(frames)
-    assert received == 0 and violation is not None
+    assert received == 1 and violation is not None
+
+
+async def test_a_partial_first_line_is_skipped_not_believed() -> None:
+    """A worker that attaches while the executor writes a line (to another worker) gets its tail."""
+    async def frames(writer: asyncio.StreamWriter) -> None:
+        writer.write(frame(1, b'tail of a reply", "ok": true}\n{"id": "1", "ok": true}\n{"id": "2"'))
+        writer.write(frame(1, b', "ok": true}\nnot json either\n'))
+
+    violation, received = await cut_by(frames)
+    assert received == 2 and violation is not None and "not JSON" in violation
 
 
 async def test_stderr_is_logged_not_parsed_and_bounded() -> None:

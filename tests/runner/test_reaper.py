@@ -178,7 +178,7 @@ async def test_a_session_in_use_is_never_reaped_by_another_workers_janitor(
     """The idle record is the stamp the using worker writes into the container's name: a janitor
     that never attached to the session reads it."""
     caplog.set_level(logging.INFO, logger="runner")
-    ttl = 3.0
+    ttl = 5.0
     user = await make_manager(idle_ttl_s=ttl)
     janitor_host = await make_reaping(idle_ttl_s=ttl, reap=ReapPolicy(interval_s=0.3, ping_timeout_s=2.0))
     assert janitor_host.janitor is not None
