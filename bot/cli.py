@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("bot.worker", "consume jobs: generate, run code in sandboxes, publish replies"),
     "slack": ("bot.adapters.slack.cli", "run the Slack bot (Socket Mode, or HTTP Events API)"),
     "discord": ("bot.adapters.discord.cli", "run the Discord bot (/code slash command)"),
-    "sandbox": ("runner.cli", "build the sandbox image, list or clean sandboxes"),
+    "sandbox": ("runner.cli", "build the sandbox image, list, reap or clean sandboxes"),
     "doctor": ("bot.doctor", "check Redis, Docker, the sandbox image, the model and tokens"),
     "eval": ("bot.evaluation.cli", "pass@1 with execution/human feedback: HumanEval(+), MBPP(+)"),
     "bench": ("bot.bench.cli", "benchmarks: queue | runner | generate | ack"),

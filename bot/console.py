@@ -14,6 +14,7 @@ import base64
 import contextlib
 import logging
 import mimetypes
+import os
 import socket
 import sys
 import threading
@@ -24,6 +25,7 @@ from bot import metrics, redis_conn
 from bot.errors import InputRejected
 from bot.jobs import Attachment, Conversation, Event, Job
 from bot.queue import JobQueue
+from bot.sandbox_link import safe_filename
 from bot.settings import Settings
 from bot.worker import Worker, any_worker_alive
 
@@ -59,8 +61,12 @@ class ConsoleRenderer:
             text = p.get("text") or "(no output)"
             self._line("[output]\n" + text)
         elif event.type in ("image", "file"):
-            path = self._save(event.conversation.thread, p.get("name", event.type), p.get("data_b64", ""))
-            self._line(f"[{event.type}] saved {path}")
+            try:
+                path = self._save(event.conversation.thread, str(p.get("name", event.type)), p.get("data_b64", ""))
+            except (InputRejected, OSError, ValueError) as exc:
+                self._line(f"[{event.type}] not saved: {exc}")
+            else:
+                self._line(f"[{event.type}] saved {path}")
         elif event.type == "final":
             tag = "stopped" if p.get("cancelled") else f"done in {p.get('rounds', 0)} round(s)"
             self._line(f"[final] {tag}")
@@ -68,10 +74,16 @@ class ConsoleRenderer:
             self._line(f"[error] {p.get('message', '')}")
 
     def _save(self, thread: str, name: str, data_b64: str) -> Path:
-        folder = self.out_dir / thread
+        """Write under ``out_dir/<thread>/`` only: names come from the sandbox, so each is reduced to
+        a plain basename, checked to stay in the folder, and opened without following a link."""
+        folder = (self.out_dir / safe_filename(thread)).resolve()
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / Path(name).name
-        path.write_bytes(base64.b64decode(data_b64))
+        path = folder / safe_filename(name)
+        if path.parent != folder:
+            raise InputRejected(f"refused to save {name!r} outside {folder}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(base64.b64decode(data_b64))
         return path
 
 

@@ -9,6 +9,7 @@
     ├── SandboxError                   the Docker sandbox failed (not the user's code)
     │   ├── SandboxUnavailable         engine unreachable or image missing (says how to fix)
     │   └── SessionLost                the thread's session died or expired; state is gone
+    │       └── MalformedReply         the sandbox sent what no honest executor sends (killed, replaced)
     ├── InputRejected                  bad user input: huge text, oversize or binary upload…
     └── JobCancelled                   the user pressed Stop
 
@@ -82,6 +83,12 @@ class SessionLost(SandboxError):
     kind = "session_lost"
     generic = ("This thread's Python session ended unexpectedly; its variables and files are gone. "
                "Send the request again to start a fresh session.")
+
+
+class MalformedReply(SessionLost):
+    """A reply that breaks the protocol: the container is removed, the detail goes to the log only."""
+
+    kind = "sandbox_malformed"
 
 
 class InputRejected(CodeloopError):

@@ -58,6 +58,12 @@ class ThreadSandbox:
                     await self.on_new_session()
         return self.session
 
+    async def lost(self, session: SandboxSession) -> None:
+        """The session failed under us (died, wedged, sent a malformed reply): its container is
+        removed now, before the thread's next session is made (acquire() with the old id explains)."""
+        self.session = None
+        await self.manager.discard(session.id)
+
     async def run(self, code: str) -> tuple[ExecutionResult, list[str]]:
         session = await self.ensure()
         notes, self.notes = self.notes, []
@@ -65,9 +71,8 @@ class ThreadSandbox:
         try:
             result = await session.run(code)
         except SessionLost as exc:
-            # The container died under the cell. Tell the model; the next cell gets a fresh
-            # session (acquire() with the old id explains what was lost).
-            self.session = None
+            # Tell the model; the next cell gets a fresh session.
+            await self.lost(session)
             result = ExecutionResult(error=ErrorInfo("SessionLost", str(exc), f"SessionLost: {exc}"), restarted=True)
         finally:
             self.in_cell = False
@@ -91,7 +96,12 @@ class ThreadSandbox:
             if data is None:
                 data = await self._download(att, http)
             name = safe_filename(att.name)
-            await (await self.ensure()).put_file(name, data)
+            session = await self.ensure()
+            try:
+                await session.put_file(name, data)
+            except SessionLost:
+                await self.lost(session)
+                raise
             if name not in self.state.files:
                 self.state.files.append(name)
             names.append(name)

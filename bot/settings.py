@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     #: all files one cell hands back, together (the host re-checks it; bounds every reply's size)
     sandbox_max_total_file_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     sandbox_labels: CSV = Field(default_factory=list, description="extra container labels, key=value,key=value")
+    #: the worker's janitor (runner/janitor.py): how often it looks, how long a ping may take
+    sandbox_reap_interval_s: float = Field(60.0, gt=0, description="host-side reaping of sandboxes, every this long")
+    sandbox_ping_timeout_s: float = Field(10.0, gt=0, description="an executor silent this long is unresponsive")
 
     # --- input limits ------------------------------------------------------------------------
     max_message_chars: int = Field(20_000, ge=100)

@@ -45,9 +45,11 @@ SHUTDOWN_GRACE_S = 20.0
 
 def _make_sandboxes(settings: Settings) -> SandboxManager:
     from runner.config import SandboxConfig
+    from runner.janitor import ReapPolicy
     from runner.manager import SandboxManager
 
-    return SandboxManager(SandboxConfig.from_settings(settings))
+    # Every worker runs the host-side janitor: sandboxes are reaped by the host, not only by themselves.
+    return SandboxManager(SandboxConfig.from_settings(settings), reap=ReapPolicy.from_settings(settings))
 
 
 class Worker:

@@ -4,6 +4,15 @@ The docker SDK's attach is blocking and goes through requests; this does the HTT
 (``POST /containers/{id}/attach`` with ``Upgrade: tcp``) over the engine's Unix socket or TCP, then
 demultiplexes the raw stream (tty off: 8-byte frame headers, 1 = stdout, 2 = stderr). A round trip
 costs a fraction of a millisecond, where ``docker exec`` costs a hundred.
+
+Everything on the stream was written inside the sandbox, so the reader is bounded: frames are read
+in chunks of at most 64 KiB whatever their header claims, a line may not grow past ``max_line`` (the
+largest reply an honest executor sends, ``ReplyLimits.max_line``), a line must be ASCII JSON (the
+executor escapes the rest) that cannot grow into far more objects than bytes, and stderr is only
+logged, up to a cap. Anything else is a protocol violation: reading stops, the connection closes and
+``violation`` says why (the session then removes the container). One exception: a first line that
+does not parse is dropped, since a worker attaching while the executor writes a line to another
+worker receives only that line's tail.
 """
 
 from __future__ import annotations
@@ -16,10 +25,14 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
-from bot.errors import SandboxUnavailable, SessionLost
+from bot.errors import MalformedReply, SandboxUnavailable, SessionLost
+from runner.results import check_amplification
 
 log = logging.getLogger(__name__)
-MAX_LINE = 1 << 30  # a reply larger than this is a protocol violation, not a result
+CHUNK = 1 << 16  # bytes read at a time, whatever a frame header claims
+#: stderr is only logged: the executor writes there when it crashes (a traceback), never much
+STDERR_MAX = 1 << 20
+STDERR_LOGGED = 8 * 1024
 
 
 async def _connect(api: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -49,7 +62,7 @@ async def _connect(api: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter
 
 
 class AttachStream:
-    """One attach connection; replies are JSON lines handed to ``on_message``."""
+    """One attach connection; replies are JSON lines (dicts) handed to ``on_message``."""
 
     def __init__(
         self,
@@ -57,11 +70,17 @@ class AttachStream:
         writer: asyncio.StreamWriter,
         on_message: Callable[[dict[str, Any]], None],
         on_close: Callable[[], None],
+        max_line: int,
     ) -> None:
         self._reader, self._writer = reader, writer
         self._on_message, self._on_close = on_message, on_close
-        self._buf = bytearray()
+        self._max_line = max_line
+        self._line = bytearray()  # the part of a line that arrived without its newline yet
+        self._stderr = 0
+        self._first = True  # the first line may be the tail of one written before we attached
         self.closed = False
+        #: why the stream was cut (a protocol violation), None if it ended or was closed by us
+        self.violation: str | None = None
         self._task = asyncio.create_task(self._read_loop())
 
     @classmethod
@@ -71,6 +90,7 @@ class AttachStream:
         container_id: str,
         on_message: Callable[[dict[str, Any]], None],
         on_close: Callable[[], None],
+        max_line: int,
     ) -> AttachStream:
         try:
             reader, writer = await _connect(api)
@@ -100,7 +120,7 @@ class AttachStream:
             raise SessionLost(
                 f"sandbox {container_id[:12]} cannot be attached: {status} {body.decode(errors='replace')}"
             )
-        return cls(reader, writer, on_message, on_close)
+        return cls(reader, writer, on_message, on_close, max_line)
 
     async def send(self, msg: dict[str, Any]) -> None:
         if self.closed:
@@ -116,32 +136,84 @@ class AttachStream:
         try:
             while True:
                 header = await reader.readexactly(8)
-                payload = await reader.readexactly(int.from_bytes(header[4:8], "big"))
-                if header[0] == 2:
-                    log.debug("sandbox stderr: %s", payload[:2000].decode(errors="replace").rstrip())
-                    continue
-                self._buf += payload
-                if b"\n" not in payload:
-                    if len(self._buf) > MAX_LINE:
-                        log.warning("sandbox sent an oversized line; closing the session")
+                size = int.from_bytes(header[4:8], "big")
+                if header[0] == 1 and header[1:4] == b"\0\0\0" and size <= self._max_line:
+                    feed = self._feed
+                elif header[0] == 2 and header[1:4] == b"\0\0\0" and size <= STDERR_MAX:
+                    feed = self._feed_stderr
+                else:
+                    raise MalformedReply(f"a frame header {header.hex()} (stream {header[0]}, {size:,} bytes)")
+                while size:
+                    chunk = await reader.read(min(size, CHUNK))
+                    if not chunk:
                         return
-                    continue
-                *lines, rest = bytes(self._buf).split(b"\n")
-                self._buf = bytearray(rest)
-                for line in lines:
-                    try:
-                        msg = json.loads(line)
-                    except ValueError:
-                        log.warning("sandbox sent a line that is not JSON: %r", line[:200])
-                        continue
-                    if isinstance(msg, dict):
-                        self._on_message(msg)
+                    size -= len(chunk)
+                    feed(chunk)
+        except MalformedReply as exc:
+            self.violation = str(exc)
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
             self.closed = True
+            self._line = bytearray()
             self._writer.close()
             self._on_close()
+
+    def _feed(self, chunk: bytes) -> None:
+        """Split stdout into lines; a line is copied at most once, into ``_line``, when it spans chunks."""
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            if self._line:
+                self._append(chunk, start, end)
+                self._handle(None)
+            else:
+                self._handle(chunk[start:end])
+            start = end + 1
+        if start < len(chunk):
+            self._append(chunk, start, len(chunk))
+
+    def _append(self, chunk: bytes, start: int, end: int) -> None:
+        if len(self._line) + end - start > self._max_line:
+            raise MalformedReply(f"a line longer than {self._max_line:,} bytes")
+        self._line += memoryview(chunk)[start:end]
+
+    def _handle(self, line: bytes | bytearray | None) -> None:
+        if line is None:  # the buffered line: taken from self, so this frame holds its only reference
+            line, self._line = self._line, bytearray()
+        if not line or line.isspace():
+            return
+        first, self._first = self._first, False
+        try:
+            try:
+                text = line.decode("ascii")
+            except UnicodeDecodeError:
+                raise MalformedReply("a line that is not ASCII JSON") from None
+            del line  # a long line is held once: as bytes, then as text, then parsed
+            check_amplification(text)
+            try:
+                msg = json.loads(text)
+            except (ValueError, RecursionError) as exc:
+                raise MalformedReply(f"a line that is not JSON ({type(exc).__name__}: {str(exc)[:100]})") from None
+            del text
+            if not isinstance(msg, dict):
+                raise MalformedReply(f"a JSON {type(msg).__name__} where an object belongs")
+        except MalformedReply:
+            if first:
+                # Attached while the executor was writing a line (to another worker): its tail is
+                # dropped, not believed. Its length was bounded like any other line.
+                log.debug("sandbox stream: skipped a partial first line")
+                return
+            raise
+        self._on_message(msg)
+
+    def _feed_stderr(self, chunk: bytes) -> None:
+        # The executor writes stderr only when it crashes: logged (the first bytes), never parsed.
+        if self._stderr < STDERR_LOGGED:
+            text = chunk[: STDERR_LOGGED - self._stderr].decode(errors="replace").rstrip()
+            log.debug("sandbox stderr: %s", text)
+        self._stderr += len(chunk)
+        if self._stderr > STDERR_MAX:
+            raise MalformedReply(f"more than {STDERR_MAX:,} bytes on stderr")
 
     async def aclose(self) -> None:
         if not self._task.done():

@@ -1,8 +1,9 @@
-"""``codeloop sandbox``: build the sandbox image, list or clean sandbox containers."""
+"""``codeloop sandbox``: build the sandbox image, list, reap or clean sandbox containers."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import shutil
 import sys
 import tempfile
@@ -35,6 +36,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--tag", help="image tag (default: CODELOOP_SANDBOX_IMAGE)")
     build.add_argument("--no-cache", action="store_true", help="rebuild every layer")
     sub.add_parser("ls", help="list sandbox containers")
+    sub.add_parser("reap", help="one janitor pass: remove sandboxes idle past the TTL, frozen or not running "
+                   "(the ones a worker's janitor would; CODELOOP_SANDBOX_LABELS selects the deployment)")
     clean = sub.add_parser("clean", help="remove sandbox containers (live sessions lose their state)")
     clean.add_argument("--label", help="only sandboxes with this codeloop.label (e.g. pool)")
 
@@ -124,6 +127,26 @@ def clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def reap(args: argparse.Namespace) -> int:
+    from bot.settings import Settings
+    from runner.config import SandboxConfig
+    from runner.janitor import ReapPolicy, reap_once
+    from runner.manager import SandboxManager
+
+    settings = Settings.load()
+    manager = SandboxManager(SandboxConfig.from_settings(settings, pool_size=0), _client(),
+                             reap=ReapPolicy.from_settings(settings))
+
+    async def one_pass() -> list[tuple[str, str]]:
+        return await reap_once(manager)  # no start(): no pool, no background janitor
+
+    removed = asyncio.run(one_pass())
+    for cid, reason in removed:
+        print(f"removed {cid[:12]}: {reason}")
+    print(f"removed {len(removed)} sandbox container(s)")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
-    actions = {"build": build, "ls": ls, "clean": clean}
+    actions = {"build": build, "ls": ls, "reap": reap, "clean": clean}
     return actions[args.action](args)

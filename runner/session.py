@@ -1,23 +1,35 @@
-"""One sandbox session: a container running the executor, reached over its attach stream."""
+"""One sandbox session: a container running the executor, reached over its attach stream.
+
+The host never trusts a session: every line is bounded (runner/attach.py) and every result checked
+(runner/results.py). A session that breaks the protocol, sends a malformed result or stops answering
+is *lost*: its container is removed (``lose``) before the error reaches the caller, so a thread's
+next session is never made while the old one still runs.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import mimetypes
+import logging
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from bot.errors import InputRejected, SandboxError, SessionLost
+from docker.errors import APIError, DockerException, NotFound
+
+from bot.errors import InputRejected, MalformedReply, SandboxError, SessionLost
 from runner.attach import AttachStream
 from runner.config import SandboxConfig
-from runner.results import ErrorInfo, ExecutionResult, FileResult, RichResult
+from runner.results import ExecutionResult, ReplyLimits, parse_result, safe_repr
+
+log = logging.getLogger(__name__)
 
 #: how long past the cell's own timeout (plus the interrupt grace) the worker waits for an answer;
 #: the executor enforces the timeout, so this only catches a wedged or vanished sandbox
 REPLY_SLACK_S = 30.0
+#: what the model and the user are told; the detail goes to the log
+MALFORMED = "the sandbox session sent a malformed reply and was replaced"
 
 
 def check_name(name: str) -> str:
@@ -34,31 +46,21 @@ def check_name(name: str) -> str:
     return name
 
 
-def to_result(raw: dict[str, Any]) -> ExecutionResult:
-    """The executor's JSON result as the runner's ExecutionResult (MIME guessed for files)."""
-    error = raw.get("error")
-    files = []
-    for item in raw.get("files", []):
-        mime = item.get("mime") or mimetypes.guess_type(item["name"])[0] or "application/octet-stream"
-        data = base64.b64decode(item["data"])
-        files.append(FileResult(name=item["name"], size=len(data), data=data, mime=mime))
-    return ExecutionResult(
-        stdout=raw.get("stdout", ""),
-        stderr=raw.get("stderr", ""),
-        results=[
-            RichResult(data=r["data"], kind=r.get("kind", "display_data")) for r in raw.get("results", [])
-        ],
-        error=ErrorInfo(name=error["name"], value=error["value"], traceback=error["traceback"])
-        if error
-        else None,
-        files=files,
-        duration_s=float(raw.get("duration_s", 0.0)),
-        timed_out=bool(raw.get("timed_out")),
-        oom_killed=bool(raw.get("oom_killed")),
-        truncated=bool(raw.get("truncated")),
-        restarted=bool(raw.get("restarted")),
-        notes=list(raw.get("notes", [])),
-    )
+async def remove_container(api: Any, container_id: str) -> bool:
+    """Force-remove a container (SIGKILL, frozen or paused included); True once it is gone.
+    Idempotent: a container already gone, or being removed by the engine, counts as gone."""
+    try:
+        await asyncio.to_thread(api.remove_container, container_id, force=True)
+    except NotFound:
+        pass
+    except APIError as exc:
+        if exc.status_code != 409:  # 409: auto-remove (or another janitor) is already removing it
+            log.warning("could not remove sandbox %s: %s", container_id[:12], exc)
+            return False
+    except (DockerException, OSError) as exc:
+        log.warning("could not remove sandbox %s: %s", container_id[:12], exc)
+        return False
+    return True
 
 
 class SandboxSession:
@@ -69,15 +71,25 @@ class SandboxSession:
         container_id: str,
         config: SandboxConfig,
         on_close: Callable[[SandboxSession], None] | None = None,
+        api: Any = None,
+        on_use: Callable[[SandboxSession], None] | None = None,
     ) -> None:
         self.id = container_id
         self.config = config
+        self.limits = ReplyLimits.from_config(config)
         self.created = time.monotonic()
+        #: wall-clock time of the last request or reply other than a ping (the host's idle record)
+        self.last_used = time.time()
+        #: why the host declared the session lost (its container is then removed), else None
+        self.lost: str | None = None
+        self._api = api
         self._stream: AttachStream | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._lock = asyncio.Lock()
         self._on_close = on_close
+        self._on_use = on_use
+        self._removal: asyncio.Task[bool] | None = None
 
     @classmethod
     async def attach(
@@ -86,14 +98,22 @@ class SandboxSession:
         container_id: str,
         config: SandboxConfig,
         on_close: Callable[[SandboxSession], None] | None = None,
+        on_use: Callable[[SandboxSession], None] | None = None,
     ) -> SandboxSession:
-        session = cls(container_id, config, on_close)
-        session._stream = await AttachStream.open(api, container_id, session._dispatch, session._closed)
+        session = cls(container_id, config, on_close, api, on_use)
+        session._stream = await AttachStream.open(
+            api, container_id, session._dispatch, session._closed, session.limits.max_line
+        )
         return session
 
     @property
     def closed(self) -> bool:
         return self._stream is None or self._stream.closed
+
+    @property
+    def busy(self) -> bool:
+        """A request of this process is waiting for its answer."""
+        return bool(self._pending)
 
     # --- protocol ---------------------------------------------------------------------------
     def _dispatch(self, msg: dict[str, Any]) -> None:
@@ -102,12 +122,19 @@ class SandboxSession:
                 self._ready.set_result(None)
             return
         # Replies to requests of other attached workers arrive here too; their ids are not ours.
-        future = self._pending.pop(str(msg.get("id")), None)
+        rid = msg.get("id")
+        future = self._pending.pop(rid, None) if isinstance(rid, str) else None
         if future is not None and not future.done():
             future.set_result(msg)
 
     def _closed(self) -> None:
-        lost = SessionLost("the sandbox session ended (its container stopped or was removed)")
+        violation = self._stream.violation if self._stream is not None else None
+        lost: SessionLost
+        if violation is not None:
+            self._declare_lost(f"protocol violation: {violation}")
+            lost = MalformedReply(MALFORMED)
+        else:
+            lost = SessionLost("the sandbox session ended (its container stopped or was removed)")
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(lost)
@@ -118,7 +145,30 @@ class SandboxSession:
         if self._on_close is not None:
             self._on_close(self)
 
-    async def request(self, op: str, wait_s: float, **fields: Any) -> dict[str, Any]:
+    def _declare_lost(self, reason: str) -> None:
+        """Note why (once, in the log) and start removing the container."""
+        if self.lost is None:
+            self.lost = reason
+            log.warning("sandbox %s lost: %s; removing its container", self.id[:12], reason)
+        failed = self._removal is not None and self._removal.done() and not self._removal.result()
+        if (self._removal is None or failed) and self._api is not None:
+            self._removal = asyncio.get_running_loop().create_task(remove_container(self._api, self.id))
+
+    async def lose(self, reason: str) -> bool:
+        """Declare the session lost: stop reading it and remove its container. Idempotent; True once
+        the container is gone (a failed removal is logged and tried again by the next call)."""
+        self._declare_lost(reason)
+        if self._stream is not None:
+            await self._stream.aclose()
+        return await asyncio.shield(self._removal) if self._removal is not None else False
+
+    def _used(self) -> None:
+        self.last_used = time.time()
+        if self._on_use is not None:
+            self._on_use(self)
+
+    async def _exchange(self, op: str, wait_s: float, fields: dict[str, Any]) -> dict[str, Any]:
+        """Send one request and wait for its reply (TimeoutError when none comes in ``wait_s``)."""
         if self._stream is None:
             raise SessionLost("the sandbox session is not attached")
         rid = uuid.uuid4().hex
@@ -126,14 +176,37 @@ class SandboxSession:
         self._pending[rid] = future
         try:
             await self._stream.send({"id": rid, "op": op, **fields})
-            reply = await asyncio.wait_for(future, wait_s)
-        except TimeoutError:
-            raise SessionLost(f"the sandbox did not answer {op!r} within {wait_s:g} s") from None
+            return await asyncio.wait_for(future, wait_s)
         finally:
             self._pending.pop(rid, None)
-        if not reply.get("ok"):
-            raise SandboxError(f"sandbox {op} failed: {reply.get('error')}")
+
+    async def request(self, op: str, wait_s: float, **fields: Any) -> dict[str, Any]:
+        if op != "ping":
+            self._used()
+        try:
+            reply = await self._exchange(op, wait_s, fields)
+        except SessionLost:
+            if self.lost is not None:  # cut for a protocol violation: gone before the caller hears it
+                await self.lose(self.lost)
+            raise
+        except TimeoutError:
+            # Wedged or frozen: nothing it says later can be trusted to belong to this request.
+            await self.lose(f"no answer to {op!r} within {wait_s:g} s")
+            raise SessionLost(f"the sandbox did not answer {op!r} within {wait_s:g} s and was removed") from None
+        if op != "ping":
+            self._used()
+        if reply.get("ok") is not True:
+            raise SandboxError(f"sandbox {op} failed: {safe_repr(str(reply.get('error')), 300)}")
         return reply
+
+    async def probe(self, wait_s: float) -> bool:
+        """True when the executor answers a ping in time. Unlike ``ping`` a silence changes nothing:
+        the janitor removes a container only after several in a row (runner/janitor.py)."""
+        try:
+            reply = await self._exchange("ping", wait_s, {})
+        except (TimeoutError, SessionLost):
+            return False
+        return reply.get("ok") is True
 
     async def wait_ready(self, limit_s: float) -> None:
         try:
@@ -148,7 +221,11 @@ class SandboxSession:
         wait = limit + self.config.interrupt_grace_s + REPLY_SLACK_S
         async with self._lock:
             reply = await self.request("run", wait, code=code, timeout=limit)
-        return to_result(reply["result"])
+        try:
+            return parse_result(reply.get("result"), self.limits)
+        except MalformedReply as exc:
+            await self.lose(f"a malformed result: {exc}")
+            raise MalformedReply(MALFORMED) from None
 
     async def put_file(self, name: str, data: bytes) -> None:
         """Place an upload at /mnt/data/<name> (a plain name; paths are rejected)."""
@@ -166,6 +243,7 @@ class SandboxSession:
             await self.request("reset", 30.0)
 
     async def ping(self, wait_s: float = 5.0) -> dict[str, Any]:
+        """The executor's status; an executor that does not answer in time is lost (and removed)."""
         return await self.request("ping", wait_s)
 
     async def detach(self) -> None:
