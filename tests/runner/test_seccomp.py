@@ -12,7 +12,7 @@ import json
 import docker
 import pytest
 
-from runner.hardening import PROFILE_PATH, security_opt, seccomp_profile
+from runner.hardening import PROFILE_PATH, seccomp_profile, security_opt
 from runner.session import SandboxSession
 from tests.runner.helpers import run_ok
 
