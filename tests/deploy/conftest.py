@@ -134,7 +134,8 @@ def exchange(proxy: Proxy, data: bytes, wait_s: float = 20.0) -> bytes:
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(wait_s)
         s.connect(proxy.path)
-        s.sendall(data)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(data)  # the proxy may answer (413) and close before reading all of it
         chunks = []
         with contextlib.suppress(ConnectionResetError):
             while chunk := s.recv(65536):

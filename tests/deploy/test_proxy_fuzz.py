@@ -17,7 +17,6 @@ import io
 import json
 import os
 import re
-import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -28,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runner.hardening import security_opt
-from tests.deploy.conftest import BASE_IMAGE, Obj, Proxy, dumps, sandbox_body, statuses, to_obj
+from tests.deploy.conftest import BASE_IMAGE, Obj, dumps, exchange, sandbox_body, statuses, to_obj
 
 pytestmark = [pytest.mark.docker, pytest.mark.fuzz]
 RUN = uuid.uuid4().hex[:12]
@@ -163,20 +162,6 @@ def fuzz_image(engine: docker.DockerClient) -> Iterator[str]:
     engine.images.remove(image.id, force=True)
 
 
-def send(proxy: Proxy, data: bytes) -> bytes:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(30)
-        s.connect(proxy.path)
-        s.sendall(data)
-        chunks = []
-        try:
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-        except ConnectionResetError:
-            pass
-    return b"".join(chunks)
-
-
 def test_no_container_is_ever_made_outside_the_policy(
     start_proxy: Any, engine: docker.DockerClient, fuzz_image: str
 ) -> None:
@@ -189,7 +174,7 @@ def test_no_container_is_ever_made_outside_the_policy(
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(request=requests(tag))
     def check(request: bytes) -> None:
-        raw = send(proxy, request)
+        raw = exchange(proxy, request)
         codes = statuses(raw)
         assert len(codes) == 1, raw[:500]  # one answer per connection: nothing pipelined got through
         answers[codes[0]] = answers.get(codes[0], 0) + 1
