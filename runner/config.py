@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from docker.types import LogConfig, Ulimit
 
+from runner.hardening import security_opt
+
 if TYPE_CHECKING:
     from bot.settings import Settings
 
@@ -159,7 +161,7 @@ def host_config(api: Any, config: SandboxConfig, user: tuple[str, str]) -> dict[
             DATA_DIR: _tmpfs(config.data_size, uid, gid, "0755"),
         },
         "cap_drop": ["ALL"],
-        "security_opt": ["no-new-privileges"],
+        "security_opt": security_opt(),  # no-new-privileges + the shipped seccomp profile
         "pids_limit": config.pids,
         "mem_limit": config.memory,
         "memswap_limit": config.memory,  # equal to the memory limit: no swap

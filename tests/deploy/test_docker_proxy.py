@@ -1,85 +1,39 @@
 """deploy/docker_proxy.py against the real engine: what a sandbox needs passes, the rest is 403.
 
-The proxy runs as a subprocess on loopback (as in compose); the allowed "sandbox image" is the
-local base image, which every machine that builds codeloop images has.
+The proxy runs as a subprocess on a unix socket (as in compose); the allowed "sandbox image" is
+the local base image, which every machine that builds codeloop images has (tests/deploy/conftest.py).
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
-import subprocess
-import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import docker
 import pytest
 from docker.errors import APIError
-from docker.types import Mount
+from docker.types import LogConfig, Mount
+
+from runner.hardening import security_opt
+from tests.deploy.conftest import BASE_IMAGE as IMAGE
+from tests.deploy.conftest import TEST_LABEL
 
 from tests.deploy.images import base_image
 
 pytestmark = pytest.mark.docker
-ROOT = Path(__file__).resolve().parents[2]
-IMAGE = base_image()  # codeloop/base:bookworm or python:3.12-slim, whichever the engine has
 LABEL = {"codeloop.session": "1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[docker.DockerClient]:
-    client = docker.from_env()
-    try:
-        client.images.get(IMAGE)
-    except Exception as exc:
-        pytest.fail(f"{IMAGE} missing or engine unreachable ({exc}); deploy/build-base-image.sh builds "
-                    "codeloop/base:bookworm, or set CODELOOP_TEST_BASE_IMAGE")
-    yield client
-    for c in client.containers.list(all=True, filters={"label": "codeloop.test-proxy=1"}):
-        c.remove(force=True)
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def proxied(engine: docker.DockerClient) -> Iterator[docker.DockerClient]:
-    port = _free_port()
-    upstream = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "deploy/docker_proxy.py"), "--listen", f"tcp://127.0.0.1:{port}",
-         "--upstream", upstream, "--images", IMAGE],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    client = docker.DockerClient(base_url=f"tcp://127.0.0.1:{port}", version="auto", timeout=20)
-    yield client
-    client.close()
-    proc.terminate()
-    proc.wait(5)
 
 
 def hardened(**changes: Any) -> dict[str, Any]:
     """The keyword arguments the runner uses for a sandbox, with ``changes`` applied."""
     kwargs: dict[str, Any] = dict(
         image=IMAGE, command=["cat"], user="10001:10001", stdin_open=True, network_mode="none",
-        read_only=True, tmpfs={"/tmp": "size=16m"}, cap_drop=["ALL"], security_opt=["no-new-privileges"],
-        pids_limit=64, mem_limit="128m", nano_cpus=500_000_000,
-        labels={**LABEL, "codeloop.test-proxy": "1"},
+        read_only=True, tmpfs={"/tmp": "size=16m"}, cap_drop=["ALL"], security_opt=security_opt(),
+        pids_limit=64, mem_limit="128m", memswap_limit="128m", nano_cpus=500_000_000,
+        log_config=LogConfig(type="none"), labels={**LABEL, TEST_LABEL: "1"},
     )
     kwargs.update(changes)
     return {k: v for k, v in kwargs.items() if v is not None}
@@ -125,17 +79,17 @@ def _read_exact(sock: socket.socket, n: int) -> bytes:
     ("changes", "reason"),
     [
         ({"privileged": True}, "Privileged"),
-        ({"volumes": {"/": {"bind": "/host", "mode": "rw"}}}, "volumes"),
+        ({"volumes": {"/": {"bind": "/host", "mode": "rw"}}}, "Volumes must be empty"),
         ({"mounts": [Mount("/host", "/", type="bind")]}, "only tmpfs mounts"),
         ({"network_mode": "bridge"}, "NetworkMode"),
         ({"network_mode": "host"}, "NetworkMode"),
         ({"read_only": False}, "ReadonlyRootfs"),
         ({"cap_drop": None}, "CapDrop"),
         ({"cap_add": ["SYS_ADMIN"]}, "CapAdd"),
-        ({"security_opt": ["seccomp=unconfined", "no-new-privileges"]}, "unconfined"),
-        ({"security_opt": None}, "no-new-privileges"),
+        ({"security_opt": ["seccomp=unconfined", "no-new-privileges"]}, "SecurityOpt must be exactly codeloop's"),
+        ({"security_opt": None}, "SecurityOpt is required"),
         ({"pid_mode": "host"}, "PidMode"),
-        ({"user": "0"}, "non-root"),
+        ({"user": "0"}, "never run as root"),
         ({"labels": {"other": "1"}}, "label"),
         ({"pids_limit": None}, "PidsLimit"),
         ({"devices": ["/dev/kmsg:/dev/kmsg"]}, "Devices"),
@@ -145,10 +99,10 @@ def _read_exact(sock: socket.socket, n: int) -> bytes:
 def test_unsafe_create_is_refused_with_the_reason(
     proxied: docker.DockerClient, engine: docker.DockerClient, changes: dict[str, Any], reason: str
 ) -> None:
-    ours = {"label": "codeloop.test-proxy=1"}  # other tests share the engine: count only ours
+    ours = {"label": f"{TEST_LABEL}=1"}  # other tests share the engine: count only ours
     before = {c.id for c in engine.containers.list(all=True, filters=ours)}
     with pytest.raises(APIError) as info:
-        proxied.containers.create(**hardened(**{"labels": {**LABEL, "codeloop.test-proxy": "1"}, **changes}))
+        proxied.containers.create(**hardened(**{"labels": {**LABEL, TEST_LABEL: "1"}, **changes}))
     assert info.value.response is not None and info.value.response.status_code == 403
     assert reason in str(info.value)
     assert {c.id for c in engine.containers.list(all=True, filters=ours)} == before
@@ -158,12 +112,12 @@ def test_other_containers_are_invisible_and_untouchable(
     proxied: docker.DockerClient, engine: docker.DockerClient
 ) -> None:
     name = f"codeloop-test-foreign-{uuid.uuid4().hex[:8]}"
-    foreign = engine.containers.create(IMAGE, ["sleep", "30"], name=name, labels={"codeloop.test-proxy": "1"},
+    foreign = engine.containers.create(IMAGE, ["sleep", "30"], name=name, labels={TEST_LABEL: "1"},
                                        environment={"SECRET": "s3cret"})
     try:
         assert foreign.id not in [c.id for c in proxied.containers.list(all=True)]
         # a caller's own label filter cannot widen the list either
-        listed = proxied.containers.list(all=True, filters={"label": "codeloop.test-proxy=1"})
+        listed = proxied.containers.list(all=True, filters={"label": f"{TEST_LABEL}=1"})
         assert foreign.id not in [c.id for c in listed]
         attempts: list[Callable[[], object]] = [
             lambda: proxied.containers.get(name),  # inspect would show its environment
@@ -206,8 +160,9 @@ def test_binds_without_declared_volumes_are_refused(proxied: docker.DockerClient
     api = proxied.api
     host_config = api.create_host_config(
         binds=["/:/host:rw"], network_mode="none", read_only=True, cap_drop=["ALL"],
-        security_opt=["no-new-privileges"], pids_limit=64, mem_limit="128m",
+        security_opt=security_opt(), pids_limit=64, mem_limit="128m", memswap_limit="128m", nano_cpus=10**9,
+        log_config=LogConfig(type="none"),
     )
     with pytest.raises(APIError) as info:
-        api.create_container(IMAGE, ["true"], user="10001", labels=LABEL, host_config=host_config)
+        api.create_container(IMAGE, ["true"], user="10001", labels={**LABEL, TEST_LABEL: "1"}, host_config=host_config)
     assert "Binds must be empty" in str(info.value)

@@ -97,7 +97,7 @@ def test_gpu_work_lands_on_the_gpu_pool_and_sandboxes_elsewhere() -> None:
         limits = specs[name]["containers"][0]["resources"]["limits"]
         assert limits["nvidia.com/gpu"] == "1"
     worker_env = next(d for d in documents() if d["kind"] == "ConfigMap")["data"]
-    assert worker_env["DOCKER_HOST"] == "tcp://sandbox-engine:2375"
+    assert worker_env["DOCKER_HOST"] == "tcp://sandbox-engine:2376"  # TLS: tests/deploy/test_proxy_listener.py
     assert "docker.sock" not in yaml.safe_dump(specs["codeloop-worker"])
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from bot.errors import SandboxUnavailable, SessionLost
 from runner.config import SandboxConfig
+from runner.hardening import security_opt
 from runner.manager import SandboxManager
 from tests.runner.conftest import IMAGE, TEST_LABEL
 from tests.runner.helpers import run_ok
@@ -161,7 +162,7 @@ async def test_container_hardening(manager: SandboxManager, docker_client: docke
     attrs = docker_client.containers.get(session.id).attrs
     host = attrs["HostConfig"]
     assert host["NetworkMode"] == "none" and host["ReadonlyRootfs"] is True
-    assert host["CapDrop"] == ["ALL"] and host["SecurityOpt"] == ["no-new-privileges"]
+    assert host["CapDrop"] == ["ALL"] and host["SecurityOpt"] == security_opt()
     assert host["PidsLimit"] == 128 and host["Memory"] == host["MemorySwap"] == 256 * 1024 * 1024
     assert host["NanoCpus"] == 10**9 and not host["Init"] and host["AutoRemove"] is True  # the supervisor is PID 1
     assert host["Binds"] in (None, []) and host["LogConfig"]["Type"] == "none"
