@@ -21,8 +21,6 @@ from runner.hardening import security_opt
 from tests.deploy.conftest import BASE_IMAGE as IMAGE
 from tests.deploy.conftest import TEST_LABEL
 
-from tests.deploy.images import base_image
-
 pytestmark = pytest.mark.docker
 LABEL = {"codeloop.session": "1"}
 
