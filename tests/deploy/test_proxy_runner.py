@@ -59,7 +59,8 @@ async def test_the_runner_creates_and_uses_a_sandbox_through_the_proxy(
         attrs = engine.api.inspect_container(session.id)  # what the engine made of the proxy's body
         host = attrs["HostConfig"]
         assert host["SecurityOpt"] == security_opt()
-        assert attrs["Config"]["User"] == "10001:10001" and host["Privileged"] is False
+        uid, _, gid = attrs["Config"]["User"].partition(":")
+        assert uid == gid and int(uid) >= 1 << 20 and host["Privileged"] is False  # a per-session uid
         assert host["NetworkMode"] == "none" and host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"]
         assert host["LogConfig"] == {"Type": "none", "Config": {}}
         assert host["Memory"] == host["MemorySwap"] == 256 * 1024**2 and host["PidsLimit"] == 128
