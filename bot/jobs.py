@@ -2,17 +2,25 @@
 
 Both travel as JSON in the ``data`` field of a Redis stream entry. A Job that fails to parse
 or carries an unknown schema version is poison: it is dead-lettered with the reason.
+
+Every string that enters either is encodable: a lone UTF-16 surrogate (which chat JSON, a file
+name that is not UTF-8, or an exception's text can carry) would make the JSON fail far from
+where it came in. A Job's strings are cleaned when it is built or read (``Clean``); an Event's
+payload, built from whatever a cell printed, is cleaned when it is written, only if it must be.
 """
 
 from __future__ import annotations
 
 import base64
 import functools
+import json
+import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from bot.errors import PoisonJob
 
@@ -21,6 +29,46 @@ SCHEMA_VERSION: Literal[1] = 1
 JobKind = Literal["message", "stop", "reset"]
 EventType = Literal["status", "delta", "code", "output", "image", "file", "final", "error"]
 TERMINAL_EVENTS: frozenset[str] = frozenset({"final", "error"})
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def encodable(text: str) -> str:
+    """``text`` made safe to encode: a lone UTF-16 surrogate (``"\\ud800"``, which chat JSON can
+    carry) becomes U+FFFD, a surrogate pair left as two code points is joined into its character,
+    and NUL characters are dropped.
+
+    A lone surrogate cannot be encoded as UTF-8, so it would crash the job's JSON on its way to
+    Redis, the model request or a log line, far from here. NUL is dropped rather than replaced: no chat
+    client shows it, it means nothing in a request, and C-string consumers downstream (log
+    viewers, native tokenizers) may cut the text at it; removing it loses nothing the user saw.
+    """
+    if _SURROGATE.search(text):
+        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text.replace("\x00", "") if "\x00" in text else text
+
+
+def encodable_tree(value: Any) -> Any:
+    """``encodable`` applied to every string (keys included) in nested dicts and lists."""
+    if isinstance(value, str):
+        return encodable(value)
+    if isinstance(value, dict):
+        return {encodable_tree(k): encodable_tree(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [encodable_tree(v) for v in value]
+    return value
+
+
+#: a string field cleaned by ``encodable`` whenever a model is built or read
+Clean = Annotated[str, AfterValidator(encodable)]
+
+
+def _lenient_json(raw: str | bytes) -> Any:
+    """The stdlib parser accepts a lone surrogate escape (``"\\ud83d"``), which pydantic's refuses;
+    the model's ``Clean`` fields then replace it. Anything else it cannot read stays unreadable."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
 
 
 class Conversation(BaseModel):
@@ -28,10 +76,10 @@ class Conversation(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    platform: str
-    workspace: str = "-"
-    channel: str
-    thread: str
+    platform: Clean
+    workspace: Clean = "-"
+    channel: Clean
+    thread: Clean
 
     @functools.cached_property
     def key(self) -> str:  # frozen, so computed once (a worker asks ~20 times per job)
@@ -42,10 +90,10 @@ class Attachment(BaseModel):
     """A user upload. Either ``url`` (fetched by the worker with the platform's token, named by
     ``auth``) or ``data_b64`` (small files sent inline, e.g. from the console)."""
 
-    name: str
+    name: Clean
     size: int = Field(ge=0)
-    mime: str = "application/octet-stream"
-    url: str | None = None
+    mime: Clean = "application/octet-stream"
+    url: Clean | None = None
     auth: Literal["none", "slack", "discord"] = "none"
     data_b64: str | None = None
 
@@ -59,14 +107,14 @@ class Job(BaseModel):
     model_config = ConfigDict(extra="ignore", cache_strings="keys")
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
-    idempotency_key: str
+    id: Clean = Field(default_factory=lambda: uuid.uuid4().hex)
+    idempotency_key: Clean
     conversation: Conversation
-    user: str
-    text: str = ""
+    user: Clean
+    text: Clean = ""
     attachments: list[Attachment] = Field(default_factory=list)
     kind: JobKind = "message"
-    reply_stream: str
+    reply_stream: Clean
     created_at: float = Field(default_factory=time.time)
     #: position in its conversation, assigned by the queue at enqueue (order per thread)
     seq: int = 0
@@ -74,12 +122,21 @@ class Job(BaseModel):
     meta: dict[str, Any] = Field(default_factory=dict)
 
     def dumps(self) -> str:
-        return self.model_dump_json()
+        try:
+            return self.model_dump_json()
+        except PydanticSerializationError:  # only ``meta`` can still hold an unencodable string
+            return self.model_copy(update={"meta": encodable_tree(self.meta)}).model_dump_json()
 
     @classmethod
     def loads(cls, raw: str | bytes) -> Job:
         try:
-            return cls.model_validate_json(raw)
+            try:
+                return cls.model_validate_json(raw)
+            except ValidationError as exc:
+                data = _lenient_json(raw) if exc.errors()[0]["type"] == "json_invalid" else None
+                if data is None:
+                    raise
+                return cls.model_validate(data)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "job"
@@ -102,7 +159,10 @@ class Event(BaseModel):
         return self.type in TERMINAL_EVENTS
 
     def dumps(self) -> str:
-        return self.model_dump_json()
+        try:
+            return self.model_dump_json()
+        except PydanticSerializationError:  # error text or output carrying a lone surrogate
+            return Event.model_validate(encodable_tree(self.model_dump())).model_dump_json()
 
     @classmethod
     def loads(cls, raw: str | bytes) -> Event:
