@@ -10,6 +10,7 @@
     │   ├── SandboxUnavailable         engine unreachable or image missing (says how to fix)
     │   └── SessionLost                the thread's session died or expired; state is gone
     ├── InputRejected                  bad user input: huge text, oversize or binary upload…
+    │   └── DownloadRefused            an upload's host resolved to a non-public address
     └── JobCancelled                   the user pressed Stop
 
 Adapters turn these into user-facing messages with `user_message()`; nothing else should
@@ -86,6 +87,10 @@ class SessionLost(SandboxError):
 
 class InputRejected(CodeloopError):
     kind = "input_rejected"
+
+
+class DownloadRefused(InputRejected):
+    """Raised by the downloads' resolver; ``bot.downloads`` turns it into a message naming the file."""
 
 
 class JobCancelled(CodeloopError):

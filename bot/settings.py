@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     # --- input limits ------------------------------------------------------------------------
     max_message_chars: int = Field(20_000, ge=100)
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
+    #: FOR TESTS ONLY (bot/downloads.py): host:port pairs exempt from the download host, https and
+    #: public-address rules, with the platform's token sent to them; never set it in production
+    download_test_hosts: CSV = Field(
+        default_factory=list,
+        description="FOR TESTS ONLY: host:port pairs downloads may reach over http with the platform's "
+                    "token (the test fakes on loopback); empty in production")
     feedback_chars: int = Field(1000, ge=100, description="output the model sees, head + tail")
 
     # --- rate limits and fairness (bot/ratelimit.py; 0 turns a bucket off) ------------------
@@ -117,6 +123,7 @@ class Settings(BaseSettings):
         "sandbox_labels",
         "slack_allowed_channels",
         "slack_allowed_users",
+        "download_test_hosts",
         "discord_allowed_guilds",
         "discord_allowed_channels",
         mode="before",
@@ -129,6 +136,15 @@ class Settings(BaseSettings):
             key, eq, _ = item.partition("=")
             if not eq or not key.strip():
                 raise ValueError(f"{item!r} is not key=value")
+        return value
+
+    @field_validator("download_test_hosts")
+    @classmethod
+    def _hosts_have_ports(cls, value: list[str]) -> list[str]:
+        for item in value:
+            host, colon, port = item.rpartition(":")
+            if not colon or not host or not port.isdigit():
+                raise ValueError(f"{item!r} is not host:port")
         return value
 
     @property

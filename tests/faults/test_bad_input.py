@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 from prometheus_client import REGISTRY
 
 from bot.jobs import Attachment, Conversation, Event, Job
@@ -132,11 +133,36 @@ def test_events_with_unencodable_text_are_written_cleaned() -> None:
                meta={"who": "\udc00"}).dumps()  # built from unclean input, it still encodes
 
 
-async def test_the_slack_token_is_only_sent_to_slack(rig: Any, model_server: Any) -> None:
+@pytest.mark.parametrize("url", ["https://attacker.example/steal", "http://files.slack.com/files-pri/T1/x.csv",
+                                 "LOOPBACK"])
+async def test_the_slack_token_is_only_sent_to_slack(make_settings: Any, text_worker: Any, model_server: Any,
+                                                     redis_client: aioredis.Redis, url: str) -> None:
     """An attachment marked ``auth="slack"`` is fetched with the bot token; a job (from a bug, a
-    compromised adapter, or a crafted payload) pointing it elsewhere must not get the token."""
-    queue, reply = rig
-    fake = Attachment(name="data.csv", size=10, url="https://attacker.example/steal", auth="slack")
-    event = await one_reply(queue, reply, job("X", reply, attachments=[fake]))
+    compromised adapter, or a crafted payload) pointing it elsewhere must not get the token: not
+    another host, not plain http, not a listening server on loopback (no exception for it)."""
+    seen: list[str | None] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.Response(body=b"a,b\n")
+
+    app = web.Application()
+    app.router.add_get("/{name}", record)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        model_server.script = lambda messages: "unused"
+        worker = await text_worker(make_settings(llm_url=model_server.url, slack_bot_token="xoxb-secret",
+                                                 slack_api_url=f"http://127.0.0.1:{port}/api/", **UNLIMITED))
+        queue, reply = JobQueue(redis_client, worker.settings), worker.settings.key("replies", "t")
+        target = f"http://127.0.0.1:{port}/data.csv" if url == "LOOPBACK" else url
+        fake = Attachment(name="data.csv", size=10, url=target, auth="slack")
+        event = await one_reply(queue, reply, job("X", reply, attachments=[fake]))
+    finally:
+        await runner.cleanup()
     assert event.type == "error"
     assert event.payload["message"] == "`data.csv` does not come from Slack's file servers; it was not fetched."
+    assert seen == [] and model_server.requests == []

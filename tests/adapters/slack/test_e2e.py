@@ -94,7 +94,8 @@ async def test_shared_csv_is_downloaded_with_the_bot_token_and_read_by_the_code(
         make_rig, start_worker, model_server):
     model_server.script = [CSV_CODE, "Total revenue is 60."]
     rig = await make_rig(edit_interval=0.2)
-    await start_worker(slack_bot_token=rig.fake.token)
+    # The fake's file server is on loopback, which production never downloads from: listed explicitly.
+    await start_worker(slack_bot_token=rig.fake.token, download_test_hosts=rig.fake.test_host)
     fake = rig.fake
     shared = fake.add_file("sales.csv", b"month,revenue\njan,10\nfeb,20\nmar,30\n", "text/csv")
     event = mention("<@UBOT> what is the total revenue in this file?", files=[shared])
@@ -105,3 +106,4 @@ async def test_shared_csv_is_downloaded_with_the_bot_token_and_read_by_the_code(
     [download] = fake.calls_to("download")
     assert download["auth"] == f"Bearer {fake.token}"
     assert done(fake, event["ts"]) == [(CHANNEL, event["ts"], "white_check_mark")]
+
