@@ -102,6 +102,10 @@ class JobRun:
     async def execute(self) -> None:
         """Run to a terminal event, then finish (events + state + done + ack) atomically."""
         job, state = self.job, self.state
+        if await self._stopped_before_start():
+            await self.finish(self.event("final", {"text": "", "cancelled": True, "ok": False, "rounds": 0}))
+            metrics.JOBS.labels("cancelled").inc()
+            return
         turn: Turn | None = None
         mode = "set"
         try:
@@ -140,6 +144,11 @@ class JobRun:
         await self.finish(final, mode)
         metrics.JOBS.labels(outcome).inc()
         metrics.JOB_SECONDS.observe(max(0.0, time.time() - job.created_at))
+
+    async def _stopped_before_start(self) -> bool:
+        """Stopped while it waited for its turn (marked in Redis), or during this check (``stop``
+        found nothing to interrupt yet): never run. After this ``stop`` cancels ``self.task``."""
+        return await self.queue.is_cancelled(self.job.id) or self.stopped
 
     def _turn(self, state: ConversationState) -> Turn:
         return Turn(model=self.model, params=GenerationParams.from_settings(self.settings),

@@ -114,6 +114,8 @@ class Job(BaseModel):
     text: Clean = ""
     attachments: list[Attachment] = Field(default_factory=list)
     kind: JobKind = "message"
+    #: a stop's job: the id of the one job to stop (None: whatever runs in the conversation)
+    target: Clean | None = None
     reply_stream: Clean
     created_at: float = Field(default_factory=time.time)
     #: position in its conversation, assigned by the queue at enqueue (order per thread)
