@@ -94,6 +94,7 @@ class Settings(BaseSettings):
     rate_user_per_min: int = Field(20, ge=0, description="requests a user may start per minute (burst = this)")
     rate_channel_per_min: int = Field(60, ge=0, description="requests a channel may start per minute")
     worker_user_concurrency: int = Field(2, ge=1, description="one user's jobs running at once in a worker")
+    rate_reset_per_min: int = Field(3, ge=0, description="resets one user may ask for per minute")
 
     # --- Slack ------------------------------------------------------------------------------
     slack_bot_token: SecretStr | None = None
@@ -105,6 +106,12 @@ class Settings(BaseSettings):
     slack_http_port: int = Field(3000, ge=1, le=65535)
     slack_allowed_channels: CSV = Field(default_factory=list)
     slack_allowed_users: CSV = Field(default_factory=list)
+    #: None: DMs are answered only when no channel allowlist is set (an allowlist means what it says)
+    slack_allow_dms: bool | None = Field(
+        None, description="answer direct messages: true | false; empty = only when no channel allowlist is set")
+    slack_moderators: CSV = Field(
+        default_factory=list,
+        description="user ids who may stop, re-run or reset anyone's run (besides workspace admins and owners)")
 
     # --- Discord ----------------------------------------------------------------------------
     discord_token: SecretStr | None = None
@@ -123,6 +130,7 @@ class Settings(BaseSettings):
         "sandbox_labels",
         "slack_allowed_channels",
         "slack_allowed_users",
+        "slack_moderators",
         "download_test_hosts",
         "discord_allowed_guilds",
         "discord_allowed_channels",
@@ -138,6 +146,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"{item!r} is not key=value")
         return value
 
+    @field_validator("slack_allow_dms", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("download_test_hosts")
     @classmethod
     def _hosts_have_ports(cls, value: list[str]) -> list[str]:
@@ -146,6 +159,12 @@ class Settings(BaseSettings):
             if not colon or not host or not port.isdigit():
                 raise ValueError(f"{item!r} is not host:port")
         return value
+
+    @property
+    def slack_dms_allowed(self) -> bool:
+        if self.slack_allow_dms is not None:
+            return self.slack_allow_dms
+        return not self.slack_allowed_channels
 
     @property
     def backend(self) -> Literal["tgi", "transformers"]:
