@@ -5,7 +5,7 @@ or carries an unknown schema version is poison: it is dead-lettered with the rea
 
 Every string that enters either is encodable: a lone UTF-16 surrogate (which chat JSON, a file
 name that is not UTF-8, or an exception's text can carry) would make the JSON fail far from
-where it came in. A Job's strings are cleaned when it is built or read (``Clean``); an Event's
+where it came in. A Job's strings are cleaned when it is built or read (``CleanStrings``); an Event's
 payload, built from whatever a cell printed, is cleaned when it is written, only if it must be.
 """
 
@@ -17,9 +17,9 @@ import json
 import re
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticSerializationError
 
 from bot.errors import PoisonJob
@@ -58,42 +58,51 @@ def encodable_tree(value: Any) -> Any:
     return value
 
 
-#: a string field cleaned by ``encodable`` whenever a model is built or read
-Clean = Annotated[str, AfterValidator(encodable)]
+class CleanStrings(BaseModel):
+    """A model whose string fields are ``encodable`` once built or read: one validator per model
+    with a cheap test per string (``isascii`` is O(1) in CPython), since a job is built and read
+    on the hot path and almost every string is clean already."""
+
+    @model_validator(mode="after")
+    def _encodable(self) -> Self:
+        for name, value in list(self.__dict__.items()):
+            if isinstance(value, str) and ("\x00" in value or (not value.isascii() and _SURROGATE.search(value))):
+                object.__setattr__(self, name, encodable(value))  # frozen models too
+        return self
 
 
 def _lenient_json(raw: str | bytes) -> Any:
     """The stdlib parser accepts a lone surrogate escape (``"\\ud83d"``), which pydantic's refuses;
-    the model's ``Clean`` fields then replace it. Anything else it cannot read stays unreadable."""
+    the models' ``CleanStrings`` check then replaces it. Anything else it cannot read stays unreadable."""
     try:
         return json.loads(raw)
     except ValueError:
         return None
 
 
-class Conversation(BaseModel):
+class Conversation(CleanStrings):
     """Where a conversation lives: platform / workspace / channel / thread."""
 
     model_config = ConfigDict(frozen=True)
 
-    platform: Clean
-    workspace: Clean = "-"
-    channel: Clean
-    thread: Clean
+    platform: str
+    workspace: str = "-"
+    channel: str
+    thread: str
 
     @functools.cached_property
     def key(self) -> str:  # frozen, so computed once (a worker asks ~20 times per job)
         return f"{self.platform}/{self.workspace}/{self.channel}/{self.thread}"
 
 
-class Attachment(BaseModel):
+class Attachment(CleanStrings):
     """A user upload. Either ``url`` (fetched by the worker with the platform's token, named by
     ``auth``) or ``data_b64`` (small files sent inline, e.g. from the console)."""
 
-    name: Clean
+    name: str
     size: int = Field(ge=0)
-    mime: Clean = "application/octet-stream"
-    url: Clean | None = None
+    mime: str = "application/octet-stream"
+    url: str | None = None
     auth: Literal["none", "slack", "discord"] = "none"
     data_b64: str | None = None
 
@@ -101,22 +110,22 @@ class Attachment(BaseModel):
         return base64.b64decode(self.data_b64) if self.data_b64 is not None else None
 
 
-class Job(BaseModel):
+class Job(CleanStrings):
     # cache_strings="keys": pydantic's JSON string cache would otherwise fill with job ids, texts and
     # event ids that never repeat (a worker's RSS creeping up by ~1 MiB before the cache is full)
     model_config = ConfigDict(extra="ignore", cache_strings="keys")
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    id: Clean = Field(default_factory=lambda: uuid.uuid4().hex)
-    idempotency_key: Clean
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    idempotency_key: str
     conversation: Conversation
-    user: Clean
-    text: Clean = ""
+    user: str
+    text: str = ""
     attachments: list[Attachment] = Field(default_factory=list)
     kind: JobKind = "message"
     #: a stop's job: the id of the one job to stop (None: whatever runs in the conversation)
-    target: Clean | None = None
-    reply_stream: Clean
+    target: str | None = None
+    reply_stream: str
     created_at: float = Field(default_factory=time.time)
     #: position in its conversation, assigned by the queue at enqueue (order per thread)
     seq: int = 0

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from bot.jobs import Conversation, Job
 from bot.ratelimit import RateLimited, RateLimiter
@@ -72,14 +73,18 @@ class Ownership:
     async def started(self, job: Job) -> None:
         """A message job is on the queue: list it as running in its conversation and, if the
         conversation has no owner yet, make its requester the owner."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self.record(pipe, job)
+            await pipe.execute()
+
+    def record(self, pipe: Pipeline[Any], job: Job) -> None:
+        """``started``'s commands, added to a pipeline the caller runs (sharing its round trip)."""
         ttl = self.settings.conversation_ttl_s
         jobs, owner = self._key("jobs", job.conversation), self._key("owner", job.conversation)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(jobs, job.id, job.user)
-            pipe.expire(jobs, ttl)
-            pipe.set(owner, job.user, nx=True, ex=ttl)
-            pipe.expire(owner, ttl)
-            await pipe.execute()
+        pipe.hset(jobs, job.id, job.user)
+        pipe.expire(jobs, ttl)
+        pipe.set(owner, job.user, nx=True, ex=ttl)
+        pipe.expire(owner, ttl)
 
     async def ended(self, conversation: Conversation, job_id: str) -> None:
         await self.redis.hdel(self._key("jobs", conversation), job_id)

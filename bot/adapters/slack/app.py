@@ -109,17 +109,23 @@ class SlackAdapter:
             return
         result = await self._submit(inbound.job) if inbound.job is not None else None
         if inbound.job is not None and result is not None and result.created:
+            job = inbound.job.model_copy(update={"id": result.job_id})
+            thread = None
             if inbound.where.thread_ts is not None and not is_dm(event):
-                # Follow-ups in this thread now reach us without a mention. After the ack: a person
-                # takes seconds to reply, and the ack path stays one Redis round trip.
-                key = self._thread_key(team, inbound.where.channel, inbound.where.thread_ts)
-                self.spawn(self.redis.set(key, 1, ex=self.settings.conversation_ttl_s))
-            if inbound.job.kind == "message":
-                job = inbound.job.model_copy(update={"id": result.job_id})
-                self.renderer.start_job(job, inbound.where)
-                # typed stop finds it, and a conversation's first request makes its owner
-                self.spawn(self.ownership.started(job))
+                thread = self._thread_key(team, inbound.where.channel, inbound.where.thread_ts)
+            # After the ack (a person takes seconds to reply; the ack path stays one round trip)
+            self.spawn(self._record(job, thread))
+            self.renderer.start_job(job, inbound.where)
         await self._notices(inbound, event_id, result)
+
+    async def _record(self, job: Job, thread_key: str | None) -> None:
+        """One round trip: follow-ups in this thread now reach us without a mention; typed stop
+        finds the job; a conversation's first request makes its owner."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if thread_key is not None:
+                pipe.set(thread_key, 1, ex=self.settings.conversation_ttl_s)
+            self.ownership.record(pipe, job)
+            await pipe.execute()
 
     async def on_stop(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         await self.controls.stop_button(body)
