@@ -11,6 +11,7 @@
     │   └── SessionLost                the thread's session died or expired; state is gone
     │       └── MalformedReply         the sandbox sent what no honest executor sends (killed, replaced)
     ├── InputRejected                  bad user input: huge text, oversize or binary upload…
+    │   └── DownloadRefused            an upload's host resolved to a non-public address
     └── JobCancelled                   the user pressed Stop
 
 Adapters turn these into user-facing messages with `user_message()`; nothing else should
@@ -93,6 +94,10 @@ class MalformedReply(SessionLost):
 
 class InputRejected(CodeloopError):
     kind = "input_rejected"
+
+
+class DownloadRefused(InputRejected):
+    """Raised by the downloads' resolver; ``bot.downloads`` turns it into a message naming the file."""
 
 
 class JobCancelled(CodeloopError):

@@ -12,7 +12,6 @@ import base64
 import logging
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -20,6 +19,7 @@ from bot import metrics
 from bot.adapters.common import InputLimits, Upload, check_upload
 from bot.agent.loop import Turn
 from bot.agent.prompts import SYSTEM_PROMPT, files_note
+from bot.downloads import DownloadPolicy
 from bot.errors import CodeloopError, InputRejected, JobCancelled
 from bot.jobs import Event, Job
 from bot.llm.base import GenerationParams, ModelClient
@@ -102,6 +102,10 @@ class JobRun:
     async def execute(self) -> None:
         """Run to a terminal event, then finish (events + state + done + ack) atomically."""
         job, state = self.job, self.state
+        if await self._stopped_before_start():
+            await self.finish(self.event("final", {"text": "", "cancelled": True, "ok": False, "rounds": 0}))
+            metrics.JOBS.labels("cancelled").inc()
+            return
         turn: Turn | None = None
         mode = "set"
         try:
@@ -141,6 +145,11 @@ class JobRun:
         metrics.JOBS.labels(outcome).inc()
         metrics.JOB_SECONDS.observe(max(0.0, time.time() - job.created_at))
 
+    async def _stopped_before_start(self) -> bool:
+        """Stopped while it waited for its turn (marked in Redis), or during this check (``stop``
+        found nothing to interrupt yet): never run. After this ``stop`` cancels ``self.task``."""
+        return await self.queue.is_cancelled(self.job.id) or self.stopped
+
     def _turn(self, state: ConversationState) -> Turn:
         return Turn(model=self.model, params=GenerationParams.from_settings(self.settings),
                     max_rounds=self.settings.max_rounds, feedback_chars=self.settings.feedback_chars,
@@ -159,7 +168,7 @@ class JobRun:
                                      on_new_session=self._record_session)
         if job.attachments:
             await self.emit("status", {"text": "receiving files"})
-            names = await self.sandbox.upload(job.attachments, self.http)
+            names = await self.sandbox.upload(job.attachments)
             text = f"{text}\n\n{files_note(names)}".strip()
         reply = await turn.run(text, self.emit, self.sandbox)
         self._record(state, turn)
@@ -170,14 +179,11 @@ class JobRun:
         """The adapters refuse oversize and executable uploads already; jobs also reach the stream
         from the console or a future adapter, and inline data can be larger than it claims."""
         limits = InputLimits.from_settings(self.settings)
-        # loopback: a process there could read this worker's environment anyway (and the tests' fake Slack lives there)
-        slack_hosts = {"files.slack.com", urlsplit(self.settings.slack_api_url).hostname,
-                       "127.0.0.1", "localhost", "::1"}
+        downloads = DownloadPolicy(self.settings)  # which URLs may be fetched, and with which token
         for att in self.job.attachments:
             check_upload(Upload(att.name, att.size, att.mime), limits)
-            if att.auth == "slack" and urlsplit(att.url or "").hostname not in slack_hosts:
-                # the download carries the bot token: never to a host that isn't Slack's
-                raise InputRejected(f"`{att.name}` does not come from Slack's file servers; it was not fetched.")
+            if problem := downloads.refusal(att):
+                raise InputRejected(problem)
             if att.data_b64 is None:
                 continue
             if len(att.data_b64) // 4 * 3 > limits.max_upload_bytes:  # base64's size, without decoding it

@@ -9,7 +9,8 @@ Keys (under the settings' prefix):
     conv:<key>:lock           token of the delivery running the conversation's current job
     conv:<key>:waiting        highest seq found early by begin (finish publishes ``turn`` for it)
     conv:<key>:state          the conversation's state (``bot.store``)
-    cancel (pub/sub)          Stop requests, by conversation key
+    cancel (pub/sub)          Stop requests: a conversation key, or "job:<job id>:<conversation key>"
+    cancelled:<job id>        a Stop for one job (TTL); a job found here when it begins is not run
     turn (pub/sub)            "<done>:<conversation key>": a conversation advanced its ``done`` counter
 
 Ordering: enqueue assigns each job the next ``seq`` of its conversation atomically with the
@@ -204,7 +205,10 @@ class JobQueue:
         if job.kind == "stop":
             if not await claim_once(self.redis, idem, self.settings.idempotency_ttl_s, token=job.id):
                 return EnqueueResult(job.id, False, 0)
-            await self.cancel(job.conversation)
+            if job.target:
+                await self.cancel_job(job.target, job.conversation)
+            else:
+                await self.cancel(job.conversation)
             return EnqueueResult(job.id, True, 0)
         keys, args = self._enqueue_call(job, idem)
         return self._enqueue_result(await self.scripts.run(_ENQUEUE, keys, args))
@@ -227,7 +231,21 @@ class JobQueue:
         return EnqueueResult(job_id, bool(created), int(seq))
 
     async def cancel(self, conversation: Conversation) -> None:
+        """Stop whatever job runs in the conversation now (the console's Ctrl-C)."""
         await self.redis.publish(self.cancel_channel, conversation.key)
+
+    # --- stopping one job (adapters' Stop: only that job, whoever else's runs in the thread) -----
+    def cancelled_key(self, job_id: str) -> str:
+        return self.settings.key("cancelled", job_id)
+
+    async def cancel_job(self, job_id: str, conversation: Conversation) -> None:
+        """Stop one job: marked first (a job that has not begun ends as stopped when its turn
+        comes, ``is_cancelled``), then told to the worker running it, if one is."""
+        await self.redis.set(self.cancelled_key(job_id), 1, ex=self.settings.idempotency_ttl_s)
+        await self.redis.publish(self.cancel_channel, f"job:{job_id}:{conversation.key}")
+
+    async def is_cancelled(self, job_id: str) -> bool:
+        return bool(await self.redis.exists(self.cancelled_key(job_id)))
 
     # --- workers ------------------------------------------------------------------------------
     async def ensure_group(self) -> None:

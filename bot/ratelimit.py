@@ -69,8 +69,11 @@ class RateLimited(CodeloopError):
         super().__init__(self.user_message())
 
     def user_message(self) -> str:
-        who = "You're" if self.scope == "user" else "This channel is"
         wait = max(1, math.ceil(self.retry_after_s))
+        if self.scope == "reset":
+            return (f"You're resetting sessions faster than {self.limit} per minute; try again in {wait}s. "
+                    "Nothing was reset.")
+        who = "You're" if self.scope == "user" else "This channel is"
         return (f"{who} sending requests faster than {self.limit} per minute; try again in {wait}s. "
                 "This request was not run.")
 
@@ -99,7 +102,17 @@ class RateLimiter:
 
     async def take(self, job: Job) -> None:
         """Charge one request to the job's user and channel; ``RateLimited`` if either is empty."""
-        buckets = self._buckets(job)
+        await self._charge(self._buckets(job))
+
+    async def take_reset(self, job: Job) -> None:
+        """Charge a reset to its user's reset bucket (``rate_reset_per_min``): each one destroys a
+        container and the next message builds another, so a loop of resets is load on the host."""
+        conv = job.conversation
+        bucket = _Bucket("reset", self.settings.key("rate", "reset", conv.platform, conv.workspace, job.user),
+                         self.settings.rate_reset_per_min)
+        await self._charge([bucket] if bucket.limit > 0 else [])
+
+    async def _charge(self, buckets: list[_Bucket]) -> None:
         if not buckets:
             return
         allowed, wait, which = await self._take(keys=[b.key for b in buckets], args=[b.limit for b in buckets])

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-import aiohttp
-
+from bot.adapters.common import safe_filename
+from bot.downloads import Downloader, too_big
 from bot.errors import InputRejected, JobCancelled, SessionLost
 from bot.jobs import Attachment
 from bot.settings import Settings
@@ -21,13 +20,7 @@ if TYPE_CHECKING:
     from runner.session import SandboxSession
 
 log = logging.getLogger(__name__)
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
-
-
-def safe_filename(name: str) -> str:
-    base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    base = _SAFE_NAME.sub("_", base).strip(" .") or "upload"
-    return base[:120]
+__all__ = ["ThreadSandbox", "safe_filename"]
 
 
 class ThreadSandbox:
@@ -86,51 +79,24 @@ class ThreadSandbox:
         if self.in_cell and self.session is not None:
             await self.session.interrupt()
 
-    async def upload(self, attachments: list[Attachment], http: aiohttp.ClientSession) -> list[str]:
-        """Fetch each attachment and place it in /mnt/data; returns the names used."""
+    async def upload(self, attachments: list[Attachment]) -> list[str]:
+        """Fetch each attachment (``bot.downloads``) and place it in /mnt/data; returns the names used."""
         names = []
-        for att in attachments:
-            if att.size > self.settings.max_upload_bytes:
-                raise InputRejected(self._too_big(att.name, att.size))
-            data = att.data()
-            if data is None:
-                data = await self._download(att, http)
-            name = safe_filename(att.name)
-            session = await self.ensure()
-            try:
-                await session.put_file(name, data)
-            except SessionLost:
-                await self.lost(session)
-                raise
-            if name not in self.state.files:
-                self.state.files.append(name)
-            names.append(name)
+        async with Downloader(self.settings) as downloader:
+            for att in attachments:
+                if att.size > self.settings.max_upload_bytes:
+                    raise InputRejected(too_big(att.name, att.size, self.settings.max_upload_bytes))
+                data = att.data()
+                if data is None:
+                    data = await downloader.fetch(att)
+                name = safe_filename(att.name)
+                session = await self.ensure()
+                try:
+                    await session.put_file(name, data)
+                except SessionLost:
+                    await self.lost(session)
+                    raise
+                if name not in self.state.files:
+                    self.state.files.append(name)
+                names.append(name)
         return names
-
-    def _too_big(self, name: str, size: int) -> str:
-        return (f"{name} is {size / 1e6:.1f} MB; uploads are limited to "
-                f"{self.settings.max_upload_bytes / 1e6:.0f} MB.")
-
-    async def _download(self, att: Attachment, http: aiohttp.ClientSession) -> bytes:
-        if not att.url:
-            raise InputRejected(f"{att.name}: the upload has neither data nor a URL")
-        headers = {}
-        if att.auth == "slack" and self.settings.slack_bot_token:
-            headers["Authorization"] = f"Bearer {self.settings.slack_bot_token.get_secret_value()}"
-        limit = self.settings.max_upload_bytes
-        async with http.get(att.url, headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as resp:
-            if resp.status != 200:
-                raise InputRejected(f"{att.name}: could not download the upload (HTTP {resp.status})")
-            if resp.content_type == "text/html" and "html" not in att.mime:
-                # Slack answers a bad token with its login page and status 200; that is not the user's file.
-                raise InputRejected(f"{att.name}: the platform returned a web page instead of the file "
-                                    "(is the bot token allowed to read files? scope files:read)")
-            chunks, total = [], 0
-            async for chunk in resp.content.iter_chunked(1 << 16):
-                total += len(chunk)
-                if total > limit:
-                    raise InputRejected(self._too_big(att.name, total))
-                chunks.append(chunk)
-        return b"".join(chunks)
-
-

@@ -99,12 +99,19 @@ class Settings(BaseSettings):
     # --- input limits ------------------------------------------------------------------------
     max_message_chars: int = Field(20_000, ge=100)
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
+    #: FOR TESTS ONLY (bot/downloads.py): host:port pairs exempt from the download host, https and
+    #: public-address rules, with the platform's token sent to them; never set it in production
+    download_test_hosts: CSV = Field(
+        default_factory=list,
+        description="FOR TESTS ONLY: host:port pairs downloads may reach over http with the platform's "
+                    "token (the test fakes on loopback); empty in production")
     feedback_chars: int = Field(1000, ge=100, description="output the model sees, head + tail")
 
     # --- rate limits and fairness (bot/ratelimit.py; 0 turns a bucket off) ------------------
     rate_user_per_min: int = Field(20, ge=0, description="requests a user may start per minute (burst = this)")
     rate_channel_per_min: int = Field(60, ge=0, description="requests a channel may start per minute")
     worker_user_concurrency: int = Field(2, ge=1, description="one user's jobs running at once in a worker")
+    rate_reset_per_min: int = Field(3, ge=0, description="resets one user may ask for per minute")
 
     # --- Slack ------------------------------------------------------------------------------
     slack_bot_token: SecretStr | None = None
@@ -116,6 +123,12 @@ class Settings(BaseSettings):
     slack_http_port: int = Field(3000, ge=1, le=65535)
     slack_allowed_channels: CSV = Field(default_factory=list)
     slack_allowed_users: CSV = Field(default_factory=list)
+    #: None: DMs are answered only when no channel allowlist is set (an allowlist means what it says)
+    slack_allow_dms: bool | None = Field(
+        None, description="answer direct messages: true | false; empty = only when no channel allowlist is set")
+    slack_moderators: CSV = Field(
+        default_factory=list,
+        description="user ids who may stop, re-run or reset anyone's run (besides workspace admins and owners)")
 
     # --- Discord ----------------------------------------------------------------------------
     discord_token: SecretStr | None = None
@@ -135,6 +148,8 @@ class Settings(BaseSettings):
         "sandbox_labels",
         "slack_allowed_channels",
         "slack_allowed_users",
+        "slack_moderators",
+        "download_test_hosts",
         "discord_allowed_guilds",
         "discord_allowed_channels",
         mode="before",
@@ -148,6 +163,26 @@ class Settings(BaseSettings):
             if not eq or not key.strip():
                 raise ValueError(f"{item!r} is not key=value")
         return value
+
+    @field_validator("slack_allow_dms", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("download_test_hosts")
+    @classmethod
+    def _hosts_have_ports(cls, value: list[str]) -> list[str]:
+        for item in value:
+            host, colon, port = item.rpartition(":")
+            if not colon or not host or not port.isdigit():
+                raise ValueError(f"{item!r} is not host:port")
+        return value
+
+    @property
+    def slack_dms_allowed(self) -> bool:
+        if self.slack_allow_dms is not None:
+            return self.slack_allow_dms
+        return not self.slack_allowed_channels
 
     @property
     def backend(self) -> Literal["tgi", "transformers"]:

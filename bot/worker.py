@@ -246,10 +246,15 @@ class Worker:
         self.locks[run.delivery.entry_id] = (self.queue.conv_key(job.conversation, "lock"), token)
         return True
 
-    def _on_cancel(self, conversation_key: str) -> None:
-        run = self.running.get(conversation_key)
-        if run is not None:
-            log.info("stop requested for %s", conversation_key)
+    def _on_cancel(self, message: str) -> None:
+        """A Stop: "job:<id>:<conversation key>" stops that job only; a bare conversation key
+        (the console) stops whatever runs there."""
+        job_id = None
+        if message.startswith("job:"):
+            job_id, _, message = message[4:].partition(":")
+        run = self.running.get(message)
+        if run is not None and job_id in (None, run.job.id):
+            log.info("stop requested for %s (job %s)", message, run.job.id)
             asyncio.get_running_loop().create_task(run.stop())
 
     # --- background -------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from bot.errors import InputRejected
-from bot.jobs import JobKind
+from bot.jobs import JobKind, encodable
 from bot.settings import Settings
 
 FENCE = "```"
@@ -24,7 +24,7 @@ FENCE = "```"
 _FENCE_HEADER = re.compile(r"```[\w+#.-]*")
 # An HTML entity cut in half renders as garbage (Slack escapes & < > this way).
 _ENTITY_TAIL = re.compile(r"&[#\w]{0,8}$")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
 
 # Executables and disk images: no analysis task needs them, and they are the usual payload of
 # "run this for me" abuse. Data formats (CSV, Parquet, XLSX, images, zip…) are all welcome.
@@ -81,18 +81,17 @@ def human_size(n: int) -> str:
 
 
 def encodable_text(text: str) -> str:
-    """``text`` made safe to encode: a lone UTF-16 surrogate (``"\\ud800"``, which chat JSON can
-    carry) becomes U+FFFD, a surrogate pair left as two code points is joined into its character,
-    and NUL characters are dropped.
+    """``text`` with lone surrogates replaced and NUL dropped (``bot.jobs.encodable``)."""
+    return encodable(text)
 
-    A lone surrogate cannot be encoded as UTF-8, so it would crash the job's JSON on its way to
-    Redis, the model request or a log line, far from here. NUL is dropped rather than replaced: no chat
-    client shows it, it means nothing in a request, and C-string consumers downstream (log
-    viewers, native tokenizers) may cut the text at it; removing it loses nothing the user saw.
-    """
-    if _SURROGATE.search(text):
-        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
-    return text.replace("\x00", "")
+
+def safe_filename(name: str) -> str:
+    """The name a file gets in the sandbox: a basename of letters, digits and ``._ -``, without
+    leading or trailing dots and spaces (``evil.exe.`` is ``evil.exe``), at most 120 characters.
+    Every check on a file's name runs on this, the name it will actually have."""
+    base = encodable(name).replace("\\", "/").rsplit("/", 1)[-1]  # as the job will carry it (no NUL)
+    base = _SAFE_NAME.sub("_", base).strip(" .") or "upload"
+    return base[:120]
 
 
 def check_text(text: str, limits: InputLimits, *, has_files: bool = False) -> str:
@@ -119,8 +118,9 @@ def check_upload(upload: Upload, limits: InputLimits) -> None:
             f"`{upload.name}` is {human_size(upload.size)}; files up to "
             f"{human_size(limits.max_upload_bytes)} are accepted. It was not uploaded to the session."
         )
-    dot = upload.name.rfind(".")
-    ext = upload.name[dot:].lower() if dot > 0 else ""
+    placed = safe_filename(upload.name)  # the name it would land as: "evil.exe." lands as "evil.exe"
+    dot = placed.rfind(".")
+    ext = placed[dot:].lower() if dot > 0 else ""
     if ext in BLOCKED_EXTENSIONS or upload.mime.lower() in BLOCKED_MIMES:
         raise InputRejected(
             f"`{upload.name}` looks like an executable or disk image ({upload.mime}); only data files "

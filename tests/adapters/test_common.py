@@ -14,6 +14,7 @@ from bot.adapters.common import (
     is_allowed,
     parse_control,
     partition_uploads,
+    safe_filename,
     split_message,
     truncate_output,
 )
@@ -62,6 +63,23 @@ def test_uploads_oversize_and_executables_are_refused_with_a_reason():
         [("a", Upload("a.png", 10, "image/png")), ("b", Upload("b.csv", 5000))], LIMITS
     )
     assert ok == ["a"] and len(refused) == 1 and "b.csv" in refused[0]
+
+
+@pytest.mark.parametrize("name", ["evil.exe.", "evil.exe ", "evil.exe. .", " .evil.DLL..", "dir/../evil.exe",
+                                  "C:\\Users\\x\\evil.bat", "evil.exe\x00"])
+def test_the_extension_check_runs_on_the_name_the_file_would_land_as(name):
+    landed = safe_filename(name)
+    assert landed.lower().endswith((".exe", ".dll", ".bat")), landed  # what the sandbox would hold
+    with pytest.raises(InputRejected, match="looks like an executable"):
+        check_upload(Upload(name, 10, "text/plain"), LIMITS)
+
+
+def test_safe_filename_keeps_data_names_and_strips_what_could_mislead():
+    assert safe_filename("sales 2024.csv") == "sales 2024.csv"
+    assert safe_filename("../../etc/passwd") == "passwd"
+    assert safe_filename("<!channel>.csv") == "_channel_.csv"
+    assert safe_filename("...") == "upload"
+    check_upload(Upload("report.exe.csv", 10, "text/csv"), LIMITS)  # lands as a .csv: fine
 
 
 @pytest.mark.parametrize(

@@ -46,6 +46,12 @@ class HTTPRecorder(Generic[C]):
         self.base = f"http://127.0.0.1:{port}"
         return self
 
+    @property
+    def test_host(self) -> str:
+        """``127.0.0.1:PORT``: what ``CODELOOP_DOWNLOAD_TEST_HOSTS`` must list for a worker to
+        download from this fake (no loopback exception exists in production code)."""
+        return self.base.removeprefix("http://")
+
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()

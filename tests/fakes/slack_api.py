@@ -1,13 +1,15 @@
 """A fake Slack Web API: a real aiohttp server on 127.0.0.1 that records every call.
 
 Point ``AsyncWebClient(base_url=fake.api_url)`` at it. It speaks the parts codeloop uses:
-auth.test, chat.postMessage / update / delete / postEphemeral, reactions.add,
+auth.test, chat.postMessage / update / delete / postEphemeral, reactions.add, users.info
+(everyone an ordinary member unless ``set_user`` makes them an admin or owner),
 conversations.replies, the three steps of files_upload_v2 (getUploadURLExternal, the upload URL,
 completeUploadExternal), ``url_private_download`` downloads of files registered with
-``add_file`` (bearer token checked, like Slack's file servers), and Socket Mode:
-apps.connections.open (app token) hands out a WebSocket URL on which ``send_envelope`` pushes
-payloads and the app's acks are recorded. ``fail_next(method, 429)`` makes a method answer with a
-rate limit first, so retry handling is exercised for real.
+``add_file`` (bearer token checked, like Slack's file servers; a worker reaches them only with
+``download_test_hosts=fake.test_host``), and Socket Mode: apps.connections.open (app token)
+hands out a WebSocket URL on which ``send_envelope`` pushes payloads and the app's acks are
+recorded. ``fail_next(method, 429)`` makes a method answer with a rate limit first, so retry
+handling is exercised for real.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class FakeSlackAPI(HTTPRecorder[Call]):
         self.messages: dict[tuple[str, str], dict[str, Any]] = {}
         self.uploads: dict[str, Upload] = {}
         self.reactions: list[tuple[str, str, str]] = []
+        self.users: dict[str, dict[str, Any]] = {}
         self._files: dict[str, tuple[bytes, str]] = {}
         self._failures: dict[str, list[int]] = {}
         self._ids = itertools.count(1)
@@ -90,6 +93,10 @@ class FakeSlackAPI(HTTPRecorder[Call]):
         url = f"{self.base}/files/{key}/{name}"
         return {"id": key, "name": name, "title": name, "mimetype": mime, "filetype": name.rsplit(".", 1)[-1],
                 "size": len(data), "url_private": url, "url_private_download": url}
+
+    def set_user(self, user_id: str, **fields: Any) -> None:
+        """What users.info says about a user, e.g. ``set_user("U1", is_admin=True)``."""
+        self.users[user_id] = {**self.users.get(user_id, {}), **fields}
 
     async def send_envelope(self, kind: str, payload: dict[str, Any]) -> str:
         """Push a Socket Mode envelope (``events_api``, ``interactive``…) to the connected app."""
@@ -191,6 +198,14 @@ class FakeSlackAPI(HTTPRecorder[Call]):
     def _m_reactions_add(self, args: dict[str, Any]) -> dict[str, Any]:
         self.reactions.append((args["channel"], args["timestamp"], args["name"]))
         return {}
+
+    def _m_users_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        user = str(args.get("user") or "")
+        if not user:
+            return {"error": "user_not_found"}
+        base = {"id": user, "team_id": self.team_id, "name": user.lower(), "deleted": False, "is_bot": False,
+                "is_admin": False, "is_owner": False, "is_primary_owner": False, "is_restricted": False}
+        return {"user": {**base, **self.users.get(user, {})}}
 
     def _m_conversations_replies(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"messages": self.thread(args["channel"], args["ts"]), "has_more": False}

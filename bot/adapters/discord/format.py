@@ -5,6 +5,7 @@ Pure functions (no I/O) so the limits can be tested exactly; ``render`` does the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,9 @@ MAX_FILES = 10  # attachments per message
 FILE_LIMIT = 10 * 1024 * 1024  # default upload size (servers without boosts), per request
 OUTPUT_PREVIEW = 1500  # characters of an over-long output shown above its attached file
 THREAD_NAME_LIMIT = 100
+# "](" that would open a masked link's target: one with a scheme or "//" before its ")" (Discord
+# links only URLs; Python's ``f[i](x)`` has neither and is left alone)
+_MASKED_LINK = re.compile(r"\]\((?=\s*<?[^)\s]*?(?::|//))")
 
 
 @dataclass(frozen=True)
@@ -25,12 +29,22 @@ class Upload:
     data: bytes
 
 
+def inert(text: str) -> str:
+    """Masked links (``[text](url)``) shown as what they are: ``[text] (url)``, the real URL in
+    plain sight instead of a link that claims to be something else. Applied everywhere, code
+    included: telling where Discord's Markdown sees code takes a parser that matches its own
+    exactly, and the space changes nothing a Python reader relies on (``f[i] (x)`` is a call)."""
+    return _MASKED_LINK.sub("] (", text) if "](" in text else text
+
+
 def stream_chunks(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
     """Messages for a (possibly still streaming) reply. A fence the model has opened but not
     yet closed is closed for display, so the half-written code renders as code, not as raw
-    backticks; room for that closing fence is kept below ``limit``."""
+    backticks; room for that closing fence is kept below ``limit``. Masked links are made
+    ``inert``: the model's text follows whatever the conversation (or a pasted page) asked."""
     if not text.strip():
         return []
+    text = inert(text)
     chunks = split_message(text, limit - len(FENCE) - 1)
     last = chunks[-1]
     if _fence_open(last):
@@ -56,7 +70,7 @@ def header(user_mention: str, prompt: str, files: list[str]) -> str:
     attached = f"\n📎 {', '.join(files)}" if files else ""
     room = MESSAGE_LIMIT - len(user_mention) - len(attached) - 4
     text = prompt if len(prompt) <= room else prompt[: room - 1] + "…"
-    return f"{user_mention}: {text}{attached}"
+    return inert(f"{user_mention}: {text}{attached}")
 
 
 def output_message(payload: dict[str, Any]) -> tuple[str, Upload | None]:
@@ -84,8 +98,13 @@ def output_message(payload: dict[str, Any]) -> tuple[str, Upload | None]:
                                                                                         full.encode())
 
 
+def mention(user_id: str) -> str:
+    """A user mention; the client sends no pings (AllowedMentions.none()), so it only names."""
+    return f"<@{user_id}>" if user_id.isdigit() else user_id
+
+
 def status_line(text: str) -> str:
-    return f"⏳ {text.strip() or 'working'}…"
+    return inert(f"⏳ {text.strip() or 'working'}…")
 
 
 def final_line(payload: dict[str, Any]) -> str:
@@ -102,7 +121,7 @@ def error_line(payload: dict[str, Any]) -> str:
     if payload.get("kind") == "cancelled":
         return "⏹ Stopped."
     message = str(payload.get("message") or "something went wrong")
-    line = f"⚠️ {message}"
+    line = inert(f"⚠️ {message}")
     return line if len(line) <= MESSAGE_LIMIT else line[: MESSAGE_LIMIT - 1] + "…"
 
 
@@ -117,8 +136,8 @@ def batch_uploads(uploads: list[Upload], max_files: int = MAX_FILES,
     for upload in uploads:
         n = len(upload.data)
         if n > max_bytes:
-            notes.append(f"`{upload.name}` is {human_size(n)}, over Discord's {human_size(max_bytes)} "
-                         "upload limit; it stays in the session's /mnt/data.")
+            notes.append(inert(f"`{upload.name}` is {human_size(n)}, over Discord's {human_size(max_bytes)} "
+                               "upload limit; it stays in the session's /mnt/data."))
             continue
         if current and (len(current) == max_files or size + n > max_bytes):
             batches.append(current)

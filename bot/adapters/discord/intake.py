@@ -4,13 +4,19 @@ Every path checks the cheap things first (allowlists, input limits, the user's f
 Redis round trip) and then acknowledges the interaction, so Discord's 3 s deadline is met long
 before a thread is created or anything is enqueued. Whatever goes wrong after the ack is told to
 the user in the place they are looking at, and the slot they took is given back.
+
+Stop, Re-run and reset belong to the job's requester (a reset: the conversation's starter) or a
+moderator, someone with Manage Messages in the channel (``bot.adapters.ownership``); anyone else
+is told so, ephemerally where Discord allows it (buttons; a typed word can only get a reply). A
+Stop stops one job by its id. A moderator's Re-run of someone else's request runs its text only:
+the requester's files are never fetched again for another user.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 import discord
 
@@ -26,6 +32,7 @@ from bot.adapters.common import (
 from bot.adapters.discord import format as fmt
 from bot.adapters.discord.store import DiscordStore
 from bot.adapters.discord.views import running_view
+from bot.adapters.ownership import Ownership, known, not_yours
 from bot.errors import CodeloopError, InputRejected
 from bot.jobs import Attachment, Conversation, Job, JobKind
 from bot.queue import JobQueue
@@ -46,6 +53,17 @@ def _upload(att: discord.Attachment) -> Upload:
     return Upload(att.filename, att.size, att.content_type or "application/octet-stream")
 
 
+def _manages_messages(message: discord.Message) -> bool:
+    """Manage Messages in the message's channel, when discord.py can tell from its cache (a
+    thread it has not seen resolves to no permissions: such a moderator uses the buttons)."""
+    if not isinstance(message.author, discord.Member):
+        return False
+    try:
+        return message.channel.permissions_for(message.author).manage_messages
+    except (discord.ClientException, AttributeError):
+        return False
+
+
 def _start_failure(exc: Exception) -> str:
     """What the user is told when a job could not be started. Discord's own refusals (missing
     permissions…) are theirs to fix and name no host of ours; anything else (a Redis error names
@@ -64,6 +82,7 @@ class Intake:
         self.settings = settings
         self.queue = queue
         self.store = store
+        self.ownership = Ownership(queue.redis, settings)
         self.limits = InputLimits.from_settings(settings)
         self.reply_stream = reply_stream(settings, "discord")
 
@@ -149,25 +168,29 @@ class Intake:
             return
         kind, text = parse_control(message.content)
         if kind == "stop":
-            await self._stop(conversation, str(message.id), message.author.id, {})
-            await message.reply("⏹ Stopping the running job.")
+            await self._typed_stop(message, conversation)
             return
         accepted, refused = partition_uploads(((a, _upload(a)) for a in message.attachments), self.limits)
         try:
             text = text if kind == "reset" else check_text(text, self.limits, has_files=bool(accepted))
         except InputRejected as exc:
             if text.strip() or refused:  # an empty message with nothing usable is not worth an answer
-                await message.reply("\n".join([*refused, exc.user_message()] if text.strip() else refused))
+                await message.reply(fmt.inert("\n".join([*refused, exc.user_message()] if text.strip() else refused)))
             return
         if refused:
-            await message.reply("\n".join(refused))
+            await message.reply(fmt.inert("\n".join(refused)))
         job_id = uuid.uuid4().hex
+        job = self._job(job_id, str(message.id), conversation, message.author.id, text,
+                        [_attachment(a) for a in accepted], kind)
+        if kind == "reset":
+            refusal = await self.ownership.check_reset(job, known(_manages_messages(message)), fmt.mention)
+            if refusal:
+                await message.reply(refusal)
+                return
         busy = await self._reserve(message.author.id, job_id)
         if busy:
             await message.reply(busy)
             return
-        job = self._job(job_id, str(message.id), conversation, message.author.id, text,
-                        [_attachment(a) for a in accepted], kind)
         try:
             await self._start(job, message.channel, reference=message)
         except Exception:
@@ -177,33 +200,37 @@ class Intake:
     # --- buttons (views.Controls) --------------------------------------------------------------
     async def stop(self, interaction: discord.Interaction[Any], job_id: str) -> None:
         job = await self.store.job(job_id)
-        if job is None:
-            await interaction.response.send_message("That run is too old to stop.", ephemeral=True)
-            return
-        if str(interaction.user.id) != job.user and not interaction.permissions.manage_messages:
-            await interaction.response.send_message(f"Only <@{job.user}> or a moderator can stop this run.",
-                                                    ephemeral=True)
+        problem = None if job is not None else "That run is too old to stop."
+        if job is not None:
+            problem = self._place_refusal(job.conversation) or self._not_owner(interaction, job, "stop")
+        if problem or job is None:
+            await interaction.response.send_message(problem or "", ephemeral=True)
             return
         # An ephemeral ack, not an edit: the job's final event edits this message, and an edit of
         # ours landing after it would overwrite the outcome.
         await interaction.response.send_message("⏹ Stopping…", ephemeral=True)
-        await self._stop(job.conversation, str(interaction.id), interaction.user.id, job.meta)
+        await self._stop(job.conversation, str(interaction.id), interaction.user.id, job.meta, target=job.id)
 
     async def rerun(self, interaction: discord.Interaction[Any], job_id: str) -> None:
         old = await self.store.job(job_id)
-        problem = None if old is not None else "That run is too old to re-run; use /code again."
-        if old is not None:
-            conv = old.conversation
-            problem = self.refusal(int(conv.workspace), int(conv.channel), int(conv.thread))
-        new_id = uuid.uuid4().hex
+        if old is None:
+            await interaction.response.send_message("That run is too old to re-run; use /code again.", ephemeral=True)
+            return
+        new_id, mine = uuid.uuid4().hex, str(interaction.user.id) == old.user
+        # Someone else's (a moderator's) re-run never fetches the requester's files again.
+        job = self._job(new_id, str(interaction.id), old.conversation, interaction.user.id, old.text,
+                        old.attachments if mine else [], old.kind)
+        problem = (self._place_refusal(old.conversation) or self._not_owner(interaction, old, "re-run")
+                   or await self._rerun_problem(interaction, old, job))
         problem = problem or await self._reserve(interaction.user.id, new_id)
-        if problem or old is None:
-            await interaction.response.send_message(problem or "", ephemeral=True)
+        if problem:
+            await interaction.response.send_message(problem, ephemeral=True)
             return
         await interaction.response.defer()  # a silent ack: the button's message stays as it is
         try:
-            job = self._job(new_id, str(interaction.id), old.conversation, interaction.user.id, old.text,
-                            old.attachments, old.kind)
+            if len(job.attachments) < len(old.attachments):
+                await interaction.followup.send("Re-running the text only: the files of the original request "
+                                                "are not fetched again for someone else.", ephemeral=True)
             thread = self.client.get_partial_messageable(int(old.conversation.thread),
                                                          guild_id=int(old.conversation.workspace),
                                                          type=discord.ChannelType.public_thread)
@@ -212,6 +239,36 @@ class Intake:
             await self.store.release(str(interaction.user.id), new_id)
             log.exception("re-run failed to start")
             await interaction.followup.send(f"⚠️ Could not re-run: {_start_failure(exc)}", ephemeral=True)
+
+    async def _rerun_problem(self, interaction: discord.Interaction[Any], old: Job, job: Job) -> str | None:
+        if job.kind == "reset":
+            return await self.ownership.check_reset(job, known(interaction.permissions.manage_messages), fmt.mention)
+        if old.attachments and not job.attachments and not old.text.strip():
+            return (f"That request was only files, which stay private to {fmt.mention(old.user)}; "
+                    "only they can re-run it.")
+        return None
+
+    # --- who may --------------------------------------------------------------------------------
+    def _place_refusal(self, conv: Conversation) -> str | None:
+        """The allowlists, for a button pressed on one of the conversation's messages."""
+        return self.refusal(int(conv.workspace), int(conv.channel), int(conv.thread))
+
+    @staticmethod
+    def _not_owner(interaction: discord.Interaction[Any], job: Job, action: Literal["stop", "re-run"]) -> str | None:
+        if str(interaction.user.id) == job.user or interaction.permissions.manage_messages:
+            return None
+        return not_yours(action, [job.user], fmt.mention)
+
+    async def _typed_stop(self, message: discord.Message, conversation: Conversation) -> None:
+        """``stop`` typed in the thread: the author's own jobs there (a moderator's: all of them)."""
+        plan = await self.ownership.plan_stop(conversation, str(message.author.id),
+                                              known(_manages_messages(message)), fmt.mention)
+        if plan.refusal:
+            await message.reply(plan.refusal)
+            return
+        for target in plan.targets:
+            await self._stop(conversation, f"{message.id}:{target}", message.author.id, {}, target=target)
+        await message.reply("⏹ Stopping." if len(plan.targets) == 1 else f"⏹ Stopping {len(plan.targets)} runs.")
 
     # --- jobs ----------------------------------------------------------------------------------
     def _job(self, job_id: str, idem: str, conversation: Conversation, user_id: int, text: str,
@@ -234,7 +291,10 @@ class Intake:
         if not result.created:  # Discord redelivered an event we already have a job for
             await self.store.release(job.user, job.id)
             await status.delete()
+        elif job.kind == "message":
+            await self.ownership.started(job)  # typed stop finds it; the first request owns the thread
 
-    async def _stop(self, conversation: Conversation, idem: str, user_id: int, meta: dict[str, Any]) -> None:
+    async def _stop(self, conversation: Conversation, idem: str, user_id: int, meta: dict[str, Any],
+                    target: str) -> None:
         await self.queue.enqueue(Job(idempotency_key=idem, conversation=conversation, user=str(user_id),
-                                     kind="stop", reply_stream=self.reply_stream, meta=dict(meta)))
+                                     kind="stop", target=target, reply_stream=self.reply_stream, meta=dict(meta)))

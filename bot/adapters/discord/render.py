@@ -28,6 +28,7 @@ from bot.adapters.common import code_block, split_message
 from bot.adapters.discord import format as fmt
 from bot.adapters.discord.store import DiscordStore
 from bot.adapters.discord.views import finished_view
+from bot.adapters.ownership import Ownership
 from bot.jobs import Event
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class Renderer:
         self.edit_interval_s = edit_interval_s
         self.file_limit = file_limit
         self._replies: dict[str, _Reply] = {}
+        #: told when a job ends, so typed ``stop`` no longer finds it
+        self.ownership = Ownership(store.redis, store.settings)
 
     async def handle(self, event: Event) -> None:
         """ReplyReader's handler: one event, rendered once (the reader dedupes by job and seq)."""
@@ -228,6 +231,7 @@ class Renderer:
         user = event.meta.get("user_id")
         if user:
             await self.store.release(str(user), event.job_id)
+        await self.ownership.ended(event.conversation, event.job_id)
 
 
 def _decode(payload: dict[str, Any]) -> fmt.Upload | None:

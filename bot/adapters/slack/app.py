@@ -24,16 +24,9 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.adapters.common import is_allowed
-from bot.adapters.slack.inbound import (
-    RESET_SHORTCUT,
-    STOP_ACTION,
-    Inbound,
-    is_dm,
-    reset_job,
-    stop_job,
-    translate,
-)
+from bot.adapters.ownership import Ownership
+from bot.adapters.slack.controls import SlackControls
+from bot.adapters.slack.inbound import RESET_SHORTCUT, STOP_ACTION, Inbound, Where, is_dm, translate
 from bot.adapters.slack.render import SlackRenderer
 from bot.jobs import Job
 from bot.queue import EnqueueResult, JobQueue
@@ -76,7 +69,11 @@ class SlackAdapter:
         self.client = client
         self.queue = JobQueue(redis, settings)
         self.reply_stream = reply_stream(settings, "slack")
-        self.renderer = SlackRenderer(self.client, redis, settings, edit_interval=edit_interval)
+        self.ownership = Ownership(redis, settings)
+        self.renderer = SlackRenderer(self.client, redis, settings, edit_interval=edit_interval,
+                                      ownership=self.ownership)
+        self.controls = SlackControls(settings, self.client, self.ownership, self.reply_stream, self._submit,
+                                      self._tell)
         secret = settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else None
         self.app = AsyncApp(
             client=self.client,
@@ -104,27 +101,38 @@ class SlackAdapter:
                             settings=self.settings, reply_stream=self.reply_stream, joined=joined)
         if inbound is None:
             return
+        if inbound.job is not None and inbound.job.kind != "message":
+            # stop / reset: checked for ownership (a retried delivery must not be charged twice)
+            if await claim_once(self.redis, self.settings.key("slack", "control", event_id),
+                                self.settings.idempotency_ttl_s):
+                await self.controls.typed(inbound, event_id)
+            return
         result = await self._submit(inbound.job) if inbound.job is not None else None
         if inbound.job is not None and result is not None and result.created:
+            job = inbound.job.model_copy(update={"id": result.job_id})
+            thread = None
             if inbound.where.thread_ts is not None and not is_dm(event):
-                # Follow-ups in this thread now reach us without a mention. After the ack: a person
-                # takes seconds to reply, and the ack path stays one Redis round trip.
-                key = self._thread_key(team, inbound.where.channel, inbound.where.thread_ts)
-                self.spawn(self.redis.set(key, 1, ex=self.settings.conversation_ttl_s))
-            if inbound.job.kind == "message":
-                self.renderer.start_job(inbound.job.model_copy(update={"id": result.job_id}), inbound.where)
+                thread = self._thread_key(team, inbound.where.channel, inbound.where.thread_ts)
+            # After the ack (a person takes seconds to reply; the ack path stays one round trip)
+            self.spawn(self._record(job, thread))
+            self.renderer.start_job(job, inbound.where)
         await self._notices(inbound, event_id, result)
 
+    async def _record(self, job: Job, thread_key: str | None) -> None:
+        """One round trip: follow-ups in this thread now reach us without a mention; typed stop
+        finds the job; a conversation's first request makes its owner."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if thread_key is not None:
+                pipe.set(thread_key, 1, ex=self.settings.conversation_ttl_s)
+            self.ownership.record(pipe, job)
+            await pipe.execute()
+
     async def on_stop(self, ack: AsyncAck, body: dict[str, Any]) -> None:
-        job = stop_job(body, self.reply_stream)
-        if job is not None and is_allowed(self.settings.slack_allowed_users, job.user):
-            await self._submit(job)
+        await self.controls.stop_button(body)
         await ack()
 
     async def on_reset(self, ack: AsyncAck, body: dict[str, Any]) -> None:
-        found = reset_job(body, self.reply_stream)
-        if found is not None and is_allowed(self.settings.slack_allowed_users, found[0].user):
-            await self._submit(found[0])
+        await self.controls.reset_shortcut(body)
         await ack()
 
     # --- helpers --------------------------------------------------------------------------------------
@@ -143,7 +151,11 @@ class SlackAdapter:
             key = self.settings.key("slack", "notice", event_id)
             if not await claim_once(self.redis, key, self.settings.idempotency_ttl_s):
                 return
-        self.spawn(self.renderer.notify(inbound.where, inbound.user, inbound.notices, inbound.ephemeral))
+        self._tell(inbound.where, inbound.user, inbound.notices)
+
+    def _tell(self, where: Where, user: str, texts: list[str], markup: bool = False) -> None:
+        """Ephemeral notices to ``user``, after the ack."""
+        self.spawn(self.renderer.notify(where, user, texts, markup=markup))
 
     def _thread_key(self, team: str, channel: str, thread_ts: str) -> str:
         return self.settings.key("slack", "thread", team or "-", channel, thread_ts)

@@ -11,6 +11,7 @@ Where a conversation lives:
 from __future__ import annotations
 
 import html
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,14 +41,29 @@ class Where:
 
 @dataclass
 class Inbound:
-    """What an incoming event asks for: a job to enqueue and/or notices to show the user."""
+    """What an incoming event asks for: a job to enqueue and/or notices to show the user (plain
+    text, shown to that user only: the renderer escapes it and posts it ephemerally)."""
 
     where: Where
     user: str
     job: Job | None = None
     notices: list[str] = field(default_factory=list)
-    #: notices only the user should see (allowlist refusals) rather than the whole thread
-    ephemeral: bool = False
+
+
+@dataclass(frozen=True)
+class StopPress:
+    """A press of a job's Stop button: which job, whose, and who pressed it where."""
+
+    job_id: str
+    requester: str
+    conversation: Conversation
+    actor: str
+    where: Where
+
+
+NOT_ALLOWED_USER = "Sorry, you are not on this bot's list of allowed users."
+DMS_OFF = "Direct messages to this bot are turned off; mention it in a channel where it is enabled."
+CHANNEL_OFF = "codeloop is not enabled in this channel; ask an admin which channels it works in."
 
 
 def is_dm(event: dict[str, Any]) -> bool:
@@ -93,13 +109,14 @@ def translate(event: dict[str, Any], *, event_id: str, team_id: str, bot_user_id
     where = where_for(event)
     user = str(event["user"])
     inbound = Inbound(where, user)
-    # DMs are private to the user, so only the user allowlist applies to them.
     if not dm and not is_allowed(settings.slack_allowed_channels, where.channel):
         return None
+    if dm and not settings.slack_dms_allowed:
+        inbound.notices.append(DMS_OFF)
+        return inbound
     if not is_allowed(settings.slack_allowed_users, user):
         if mentioned or dm:
-            inbound.notices.append("Sorry, you are not on this bot's list of allowed users.")
-            inbound.ephemeral = True
+            inbound.notices.append(NOT_ALLOWED_USER)
             return inbound
         return None
 
@@ -130,9 +147,22 @@ def translate(event: dict[str, Any], *, event_id: str, team_id: str, bot_user_id
         attachments=attachments,
         kind=kind,
         reply_stream=reply_stream,
-        meta=meta_for(where),
+        meta=meta_for(where, user),
     )
     return inbound
+
+
+def access_refusal(settings: Settings, channel: str, user: str) -> str | None:
+    """Why ``user`` may not use the bot in ``channel`` (the message allowlists, applied to
+    buttons and shortcuts too), or None."""
+    if channel.startswith("D"):
+        if not settings.slack_dms_allowed:
+            return DMS_OFF
+    elif not is_allowed(settings.slack_allowed_channels, channel):
+        return CHANNEL_OFF
+    if not is_allowed(settings.slack_allowed_users, user):
+        return NOT_ALLOWED_USER
+    return None
 
 
 def conversation(team_id: str, where: Where) -> Conversation:
@@ -140,8 +170,9 @@ def conversation(team_id: str, where: Where) -> Conversation:
                         thread=where.thread_ts or DM_THREAD)
 
 
-def meta_for(where: Where) -> dict[str, Any]:
-    return {"channel": where.channel, "thread_ts": where.thread_ts, "message_ts": where.message_ts}
+def meta_for(where: Where, user: str) -> dict[str, Any]:
+    """Echoed on every event: where to answer, and whose job it is (the Stop button names them)."""
+    return {"channel": where.channel, "thread_ts": where.thread_ts, "message_ts": where.message_ts, "user": user}
 
 
 def where_from_meta(meta: dict[str, Any], conv: Conversation) -> Where:
@@ -150,18 +181,37 @@ def where_from_meta(meta: dict[str, Any], conv: Conversation) -> Where:
     return Where(str(meta.get("channel") or conv.channel), thread, str(meta.get("message_ts") or ""))
 
 
-def stop_job(body: dict[str, Any], reply_stream: str) -> Job | None:
-    """A Stop button press → a ``stop`` Job for the conversation named in the button's value."""
+def stop_value(job_id: str, requester: str, conversation: Conversation) -> str:
+    """What a job's Stop button carries: Slack echoes it back in the signed action payload."""
+    return json.dumps({"job": job_id, "user": requester, "conversation": conversation.model_dump()},
+                      separators=(",", ":"))
+
+
+def stop_press(body: dict[str, Any]) -> StopPress | None:
+    """A Stop button press, or None for a button without a job in it (from an older version,
+    which named only the conversation)."""
     action = next((a for a in body.get("actions") or [] if a.get("action_id") == STOP_ACTION), None)
     if action is None:
         return None
     try:
-        conv = Conversation.model_validate_json(action["value"])
-    except ValueError:
+        value = json.loads(action["value"])
+        conv = Conversation.model_validate(value["conversation"])
+        job_id, requester = str(value["job"]), str(value["user"])
+    except (ValueError, KeyError, TypeError):
         return None
-    user = str((body.get("user") or {}).get("id") or "")
-    return Job(idempotency_key=f"stop:{conv.key}:{action.get('action_ts')}", conversation=conv, user=user,
-               kind="stop", reply_stream=reply_stream, meta={"channel": conv.channel})
+    return StopPress(job_id, requester, conv, actor_of(body), where_of_action(body))
+
+
+def actor_of(body: dict[str, Any]) -> str:
+    return str((body.get("user") or {}).get("id") or "")
+
+
+def where_of_action(body: dict[str, Any]) -> Where:
+    """Where to answer a button press or shortcut (ephemerally): its channel and thread."""
+    container, message = body.get("container") or {}, body.get("message") or {}
+    channel = str((body.get("channel") or {}).get("id") or container.get("channel_id") or "")
+    thread = container.get("thread_ts") or message.get("thread_ts")
+    return Where(channel, str(thread) if thread else None, str(message.get("ts") or ""))
 
 
 def reset_job(body: dict[str, Any], reply_stream: str) -> tuple[Job, Where] | None:
@@ -177,5 +227,5 @@ def reset_job(body: dict[str, Any], reply_stream: str) -> tuple[Job, Where] | No
     user = str((body.get("user") or {}).get("id") or "")
     job = Job(idempotency_key=f"reset:{body.get('trigger_id') or message['ts']}",
               conversation=conversation(team, where), user=user, kind="reset",
-              reply_stream=reply_stream, meta=meta_for(where))
+              reply_stream=reply_stream, meta=meta_for(where, user))
     return job, where

@@ -24,7 +24,8 @@ from aiohttp import ClientError
 from slack_sdk.errors import SlackApiError, SlackRequestError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.adapters.slack.inbound import STOP_ACTION, Where, where_from_meta
+from bot.adapters.ownership import Ownership
+from bot.adapters.slack.inbound import STOP_ACTION, Where, stop_value, where_from_meta
 from bot.adapters.slack.transcript import Attach, Transcript, escape
 from bot.jobs import Conversation, Event, Job
 from bot.settings import Settings
@@ -38,6 +39,8 @@ class View:
     job_id: str
     where: Where
     conversation: Conversation
+    #: who asked (the Stop button names them, so a press by anyone else can be refused)
+    user: str
     transcript: Transcript = field(default_factory=Transcript)
     inbox: asyncio.Queue[Job | Event] = field(default_factory=asyncio.Queue)
     status_ts: str | None = None
@@ -47,21 +50,26 @@ class View:
     task: asyncio.Task[None] | None = None
 
 
-def status_blocks(text: str, conversation: Conversation | None) -> list[dict[str, Any]]:
+def status_blocks(text: str, view: View | None) -> list[dict[str, Any]]:
+    """The status message; with a Stop button for ``view``'s job while it runs."""
     blocks: list[dict[str, Any]] = [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]
-    if conversation is not None:
+    if view is not None:
         blocks.append({"type": "actions", "elements": [{
             "type": "button", "action_id": STOP_ACTION, "style": "danger",
-            "text": {"type": "plain_text", "text": "Stop"}, "value": conversation.model_dump_json()}]})
+            "text": {"type": "plain_text", "text": "Stop"},
+            "value": stop_value(view.job_id, view.user, view.conversation)}]})
     return blocks
 
 
 class SlackRenderer:
     def __init__(self, client: AsyncWebClient, redis: aioredis.Redis[Any], settings: Settings, *,
-                 edit_interval: float = 1.0, idle_timeout: float = 3600.0, api_concurrency: int = 8) -> None:
+                 edit_interval: float = 1.0, idle_timeout: float = 3600.0, api_concurrency: int = 8,
+                 ownership: Ownership | None = None) -> None:
         self.client = client
         self.redis = redis
         self.settings = settings
+        #: told when a job ends, so typed ``stop`` no longer finds it
+        self.ownership = ownership or Ownership(redis, settings)
         self.edit_interval = edit_interval
         self.idle_timeout = idle_timeout
         self.views: dict[str, View] = {}
@@ -72,21 +80,21 @@ class SlackRenderer:
     # --- entry points -----------------------------------------------------------------------------
     def start_job(self, job: Job, where: Where) -> None:
         """Post the status message (with Stop) for a job just enqueued; events queue up behind it."""
-        self._view(job.id, where, job.conversation).inbox.put_nowait(job)
+        self._view(job.id, where, job.conversation, job.user).inbox.put_nowait(job)
 
     async def handle(self, event: Event) -> None:
         """ReplyReader handler: never blocks on Slack."""
-        view = self._view(event.job_id, where_from_meta(event.meta, event.conversation), event.conversation)
+        view = self._view(event.job_id, where_from_meta(event.meta, event.conversation), event.conversation,
+                          str(event.meta.get("user") or ""))
         view.inbox.put_nowait(event)
 
-    async def notify(self, where: Where, user: str, texts: list[str], ephemeral: bool = False) -> None:
+    async def notify(self, where: Where, user: str, texts: list[str], *, markup: bool = False) -> None:
+        """Tell ``user`` only (chat.postEphemeral). Texts are plain and escaped here, so a file
+        name like ``<!channel>`` or ``<https://x|y>`` shows as typed and never pings or links;
+        ``markup=True`` is for texts built from our own words and ids (a ``<@U…>`` mention)."""
         for text in texts:
-            if ephemeral:
-                await self._call("chat_postEphemeral", channel=where.channel, user=user, text=text,
-                                 thread_ts=where.thread_ts)
-            else:
-                await self._call("chat_postMessage", channel=where.channel, thread_ts=where.thread_ts,
-                                 text=text)
+            await self._call("chat_postEphemeral", channel=where.channel, user=user,
+                             text=text if markup else escape(text), thread_ts=where.thread_ts)
 
     async def close(self) -> None:
         tasks = [v.task for v in self.views.values() if v.task is not None]
@@ -95,10 +103,10 @@ class SlackRenderer:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- the per-job actor --------------------------------------------------------------------------
-    def _view(self, job_id: str, where: Where, conversation: Conversation) -> View:
+    def _view(self, job_id: str, where: Where, conversation: Conversation, user: str) -> View:
         view = self.views.get(job_id)
         if view is None:
-            view = self.views[job_id] = View(job_id, where, conversation)
+            view = self.views[job_id] = View(job_id, where, conversation, user)
             view.task = asyncio.create_task(self._run(view), name=f"slack-render-{job_id}")
         return view
 
@@ -163,7 +171,7 @@ class SlackRenderer:
         text = ":hourglass_flowing_sand: Working on it…"
         resp = await self._call("chat_postMessage", channel=view.where.channel,
                                 thread_ts=view.where.thread_ts, text=text,
-                                blocks=status_blocks(text, view.conversation))
+                                blocks=status_blocks(text, view))
         if resp and resp.get("ts"):
             view.status_ts, view.status_shown = str(resp["ts"]), text
             # Another adapter replica (or this one after a restart) may render the rest of the job.
@@ -201,7 +209,7 @@ class SlackRenderer:
         if status and view.status_ts and status != view.status_shown:
             text = f":hourglass_flowing_sand: {escape(status)}"
             if await self._call("chat_update", channel=channel, ts=view.status_ts, text=text,
-                                blocks=status_blocks(text, view.conversation)):
+                                blocks=status_blocks(text, view)):
                 view.status_shown = status
 
     async def _upload(self, view: View, attach: Attach) -> None:
@@ -228,3 +236,4 @@ class SlackRenderer:
         if view.where.message_ts:
             await self._call("reactions_add", channel=view.where.channel, timestamp=view.where.message_ts,
                              name=reaction)
+        await self.ownership.ended(view.conversation, view.job_id)

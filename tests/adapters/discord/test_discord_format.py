@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bot.adapters.discord import format as fmt
 
 
@@ -53,3 +55,25 @@ def test_final_and_error_lines():
     assert fmt.final_line({"cancelled": True, "rounds": 2}) == "⏹ Stopped."
     assert fmt.error_line({"kind": "cancelled", "message": "Stopped."}) == "⏹ Stopped."
     assert len(fmt.error_line({"kind": "internal", "message": "m" * 3000})) == fmt.MESSAGE_LIMIT
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("[click here](https://evil.example/login)", "[click here] (https://evil.example/login)"),
+    ("see [docs](<https://evil.example>) now", "see [docs] (<https://evil.example>) now"),
+    ("[x]( \nhttps://evil.example)", "[x] ( \nhttps://evil.example)"),
+    ("[a [nested] b](http://evil.example)", "[a [nested] b] (http://evil.example)"),
+    ("[mail](mailto:x@evil.example) [rel](//evil.example)", "[mail] (mailto:x@evil.example) [rel] (//evil.example)"),
+    ("`[in code](https://evil.example)`", "`[in code] (https://evil.example)`"),
+    ("result = funcs[0](x)\nrows[i](lambda_arg)", "result = funcs[0](x)\nrows[i](lambda_arg)"),  # code stays as is
+])
+def test_masked_links_show_their_url_and_code_is_left_alone(text, shown):
+    assert fmt.inert(text) == shown
+    assert "](" not in "".join(fmt.stream_chunks("Sure: " + text)).replace("funcs[0](x)", "").replace(
+        "rows[i](lambda_arg)", "")
+
+
+def test_error_and_status_lines_are_inert_too():
+    assert fmt.error_line({"message": "`[a](https://evil.example)` was not fetched"}) == \
+        "⚠️ `[a] (https://evil.example)` was not fetched"
+    assert "](" not in fmt.status_line("reading [x](https://evil.example)")
+    assert "](" not in fmt.header("<@1>", "[x](https://evil.example)", [])

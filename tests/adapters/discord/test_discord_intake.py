@@ -153,7 +153,28 @@ async def test_oversize_upload_in_thread_is_refused_with_the_reason(make_bot, fa
     assert await redis_client.xlen(bot.settings.key("jobs")) == 1
 
 
-async def test_stop_button_cancels_the_conversation_for_the_requester_only(make_bot, fake_discord, redis_client):
+async def _listed(bot, job):
+    """Until the adapter lists ``job`` as running in its thread (typed ``stop`` looks there)."""
+    for _ in range(200):
+        if job.id in await bot.controls.ownership.active(job.conversation):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("job never listed")
+
+
+async def _stopped(redis, bot, job) -> bool:
+    return bool(await redis.exists(bot.settings.key("cancelled", job.id)))
+
+
+def _answer(fake, interaction):
+    """The bot's response to an interaction: (content, ephemeral?)."""
+    [call] = fake.find("POST", rf"/interactions/{interaction['id']}/.*")
+    data = call.json.get("data") or {}
+    return data.get("content"), bool(data.get("flags", 0) & 64)
+
+
+async def test_stop_button_stops_that_job_for_the_requester_or_a_moderator_only(make_bot, fake_discord,
+                                                                                  redis_client):
     bot, gw = await make_bot()
     _, _, job = await _start(fake_discord, gw, redis_client, bot)
     status = fake_discord.messages[int(job.meta["status_message_id"])]
@@ -163,36 +184,68 @@ async def test_stop_button_cancels_the_conversation_for_the_requester_only(make_
 
     intruder = gw.button(BOB, status, f"codeloop:stop:{job.id}")
     gw.interaction(intruder)
-    [call] = await fake_discord.wait_for(lambda: fake_discord.find("POST", rf"/interactions/{intruder['id']}/.*"))
-    assert call.json["data"]["flags"] == 64 and f"Only <@{ALICE}>" in call.json["data"]["content"]
-    assert await pubsub.get_message(timeout=0.3) is None
+    await fake_discord.wait_for(lambda: fake_discord.find("POST", rf"/interactions/{intruder['id']}/.*"))
+    assert _answer(fake_discord, intruder) == (f"Only <@{ALICE}> or a moderator can stop this run.", True)
+    assert not await _stopped(redis_client, bot, job)  # answered instead of stopping, never before it
 
     press = gw.button(ALICE, status, f"codeloop:stop:{job.id}")
     gw.interaction(press)
     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
-    assert message is not None and message["data"].decode() == job.conversation.key
+    assert message is not None and message["data"].decode() == f"job:{job.id}:{job.conversation.key}"
+    assert await _stopped(redis_client, bot, job)
 
+    await redis_client.delete(bot.settings.key("cancelled", job.id))
     moderator = gw.button(BOB, status, f"codeloop:stop:{job.id}", permissions=MANAGE_MESSAGES)
     gw.interaction(moderator)
     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
-    assert message is not None
+    assert message is not None and await _stopped(redis_client, bot, job)
     await pubsub.aclose()
 
 
-async def test_rerun_button_enqueues_the_same_request_again(make_bot, fake_discord, redis_client):
+async def test_buttons_obey_the_channel_allowlist(make_bot, fake_discord, redis_client):
     bot, gw = await make_bot()
-    _, entry, job = await _start(fake_discord, gw, redis_client, bot, "print(41 + 1)")
+    _, _, job = await _start(fake_discord, gw, redis_client, bot)
+    status = fake_discord.messages[int(job.meta["status_message_id"])]
+    _, gw2 = await make_bot(discord_allowed_channels="999")  # the channel was taken off the list
+    press = gw2.button(ALICE, status, f"codeloop:stop:{job.id}")
+    gw2.interaction(press)
+    await fake_discord.wait_for(lambda: fake_discord.find("POST", rf"/interactions/{press['id']}/.*"))
+    content, ephemeral = _answer(fake_discord, press)
+    assert "not enabled in this channel" in content and ephemeral
+    assert not await _stopped(redis_client, bot, job)
+
+
+async def test_rerun_is_the_requesters_and_a_moderators_never_refetches_the_files(make_bot, fake_discord,
+                                                                                  redis_client):
+    bot, gw = await make_bot()
+    csv = fake_discord.add_cdn_file(fake_discord.channel_id, "private.csv", b"salary\n1\n")
+    _, entry, job = await _start(fake_discord, gw, redis_client, bot, "sum the file", file=csv)
     await _finish(redis_client, bot, job)
     status = await fake_discord.wait_for(lambda: _with_button(fake_discord, job, f"codeloop:rerun:{job.id}"))
-    press = gw.button(BOB, status, f"codeloop:rerun:{job.id}")
-    gw.interaction(press)
-    _, again = await next_job(redis_client, bot.settings, after=entry)
-    [ack] = fake_discord.find("POST", rf"/interactions/{press['id']}/.*")
+
+    intruder = gw.button(BOB, status, f"codeloop:rerun:{job.id}")
+    gw.interaction(intruder)
+    await fake_discord.wait_for(lambda: fake_discord.find("POST", rf"/interactions/{intruder['id']}/.*"))
+    assert _answer(fake_discord, intruder) == (f"Only <@{ALICE}> or a moderator can re-run this run.", True)
+
+    own = gw.button(ALICE, status, f"codeloop:rerun:{job.id}")
+    gw.interaction(own)
+    entry, again = await next_job(redis_client, bot.settings, after=entry)
+    [ack] = fake_discord.find("POST", rf"/interactions/{own['id']}/.*")
     assert ack.json == {"type": 6}  # deferred update: the message keeps its content
-    assert again.text == "print(41 + 1)" and again.user == str(BOB) and again.id != job.id
-    assert again.conversation == job.conversation and again.idempotency_key == press["id"]
+    assert again.text == "sum the file" and again.user == str(ALICE) and again.id != job.id
+    assert [a.url for a in again.attachments] == [csv["url"]]  # the requester's own files, fetched again
+    assert again.conversation == job.conversation and again.idempotency_key == own["id"]
     new_status = fake_discord.messages[int(again.meta["status_message_id"])]
     assert _components(new_status) == [f"codeloop:stop:{again.id}"]
+
+    moderator = gw.button(BOB, status, f"codeloop:rerun:{job.id}", permissions=MANAGE_MESSAGES)
+    gw.interaction(moderator)
+    _, theirs = await next_job(redis_client, bot.settings, after=entry)
+    assert theirs.text == "sum the file" and theirs.user == str(BOB) and theirs.attachments == []
+    note = await fake_discord.wait_for(lambda: [c for c in fake_discord.find("POST", r"/webhooks/.*")
+                                                if "text only" in (c.json or {}).get("content", "")])
+    assert note[0].json["flags"] == 64
 
     expired = "codeloop:rerun:" + "0" * 32  # a button whose job record has expired
     old = {**status, "components": [{"type": 1, "components": [
@@ -204,19 +257,34 @@ async def test_rerun_button_enqueues_the_same_request_again(make_bot, fake_disco
 
 
 async def test_stop_and_reset_words_in_the_thread(make_bot, fake_discord, redis_client):
-    bot, gw = await make_bot()
+    bot, gw = await make_bot(rate_reset_per_min=1)
     _, entry, job = await _start(fake_discord, gw, redis_client, bot)
     thread = job.conversation.thread
+    await _listed(bot, job)
+
+    gw.send_message(gw.message(BOB, thread, "stop"))  # not BOB's run
+    await fake_discord.wait_for(lambda: [m for m in fake_discord.in_channel(thread) if "can stop" in m["content"]])
+    assert not await _stopped(redis_client, bot, job)
+    gw.send_message(gw.message(BOB, thread, "reset"))  # not BOB's thread
+    await fake_discord.wait_for(lambda: [m for m in fake_discord.in_channel(thread) if "can reset" in m["content"]])
+    [refusal] = [m for m in fake_discord.in_channel(thread) if "can reset" in m["content"]]
+    assert refusal["content"] == f"Only <@{ALICE}>, who started this conversation, or a moderator can reset it."
+
     gw.send_message(gw.message(ALICE, thread, "reset"))
-    _, reset = await next_job(redis_client, bot.settings, after=entry)
-    assert reset.kind == "reset"
+    entry, reset = await next_job(redis_client, bot.settings, after=entry)
+    assert reset.kind == "reset" and reset.user == str(ALICE)
+    gw.send_message(gw.message(ALICE, thread, "reset"))  # over one a minute
+    await fake_discord.wait_for(lambda: [m for m in fake_discord.in_channel(thread)
+                                         if "resetting sessions faster" in m["content"]])
+
     pubsub = redis_client.pubsub()
     await pubsub.subscribe(bot.settings.key("cancel"))
     await pubsub.get_message(timeout=1)
     gw.send_message(gw.message(ALICE, thread, "stop"))
     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
-    assert message is not None and message["data"].decode() == job.conversation.key
+    assert message is not None and message["data"].decode() == f"job:{job.id}:{job.conversation.key}"
     await pubsub.aclose()
+    assert await redis_client.xlen(bot.settings.key("jobs")) == 2  # the message and one reset
 
 
 def test_job_records_round_trip_as_json():

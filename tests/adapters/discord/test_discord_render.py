@@ -84,6 +84,15 @@ async def test_an_open_code_fence_is_closed_while_streaming(started, fake_discor
     assert shown[0]["content"] == "Here:\n```python\nx = 1\n```"
 
 
+async def test_a_masked_link_in_the_models_text_is_shown_with_its_url(started, fake_discord):
+    run = await started(edit_interval_s=0.0)
+    await run.emit("delta", text="Log in [at your bank](https://evil.example/phish) to continue.", round=0)
+    await run.emit("final", text="", rounds=1, ok=True)
+    await run.finished()
+    [answer] = run.replies()
+    assert answer["content"] == "Log in [at your bank] (https://evil.example/phish) to continue."
+
+
 async def test_a_5000_character_reply_is_split_without_breaking_fences(started, fake_discord):
     run = await started()
     code = "\n".join(f"row_{i:03d} = {i} * 2  # compute the value of row {i}" for i in range(110))

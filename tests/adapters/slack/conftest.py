@@ -58,6 +58,31 @@ def message(text: str, **extra: Any) -> dict[str, Any]:
             "ts": new_ts(), **extra}
 
 
+def press(status: dict[str, Any], user: str, channel: str = CHANNEL) -> dict[str, Any]:
+    """The block_actions payload Slack sends when ``user`` presses the Stop button of ``status``
+    (a recorded chat.postMessage call)."""
+    blocks = status["blocks"] if isinstance(status["blocks"], list) else json.loads(status["blocks"])
+    button = blocks[1]["elements"][0]
+    return {"type": "block_actions", "team": {"id": TEAM}, "user": {"id": user}, "channel": {"id": channel},
+            "trigger_id": "trig", "container": {"type": "message", "thread_ts": status.get("thread_ts")},
+            "message": {"ts": "1.000001", "thread_ts": status.get("thread_ts")},
+            "actions": [{"action_id": button["action_id"], "value": button["value"], "type": "button",
+                         "action_ts": new_ts(), "block_id": "b"}]}
+
+
+async def wait_listed(rig: Rig, job: Job) -> None:
+    """Until the adapter has listed ``job`` as running in its thread (done after the ack), so a
+    typed ``stop`` finds it."""
+    conv = job.conversation
+    thread = rig.settings.key("slack", "thread", conv.workspace, conv.channel, conv.thread)
+    for _ in range(200):
+        joined = conv.thread == "dm" or await rig.redis.exists(thread)
+        if joined and job.id in await rig.adapter.ownership.active(conv):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"job {job.id} was never listed")
+
+
 @dataclass
 class Rig:
     fake: FakeSlackAPI

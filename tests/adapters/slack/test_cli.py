@@ -97,5 +97,5 @@ def test_manifest_subscribes_to_what_the_app_handles():
     assert shortcut["callback_id"] == RESET_SHORTCUT
     scopes = set(manifest["oauth_config"]["scopes"]["bot"])
     assert scopes == {"app_mentions:read", "chat:write", "reactions:write", "files:read", "files:write",
-                      "channels:history", "groups:history", "im:history", "commands"}
+                      "channels:history", "groups:history", "im:history", "commands", "users:read"}
     assert Settings.model_fields["slack_api_url"].default == "https://slack.com/api/"

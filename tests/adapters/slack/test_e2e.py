@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.adapters.slack.conftest import CHANNEL, event_body, mention, message
+from tests.adapters.slack.conftest import CHANNEL, event_body, mention, message, press
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
 
@@ -94,7 +94,8 @@ async def test_shared_csv_is_downloaded_with_the_bot_token_and_read_by_the_code(
         make_rig, start_worker, model_server):
     model_server.script = [CSV_CODE, "Total revenue is 60."]
     rig = await make_rig(edit_interval=0.2)
-    await start_worker(slack_bot_token=rig.fake.token)
+    # The fake's file server is on loopback, which production never downloads from: listed explicitly.
+    await start_worker(slack_bot_token=rig.fake.token, download_test_hosts=rig.fake.test_host)
     fake = rig.fake
     shared = fake.add_file("sales.csv", b"month,revenue\njan,10\nfeb,20\nmar,30\n", "text/csv")
     event = mention("<@UBOT> what is the total revenue in this file?", files=[shared])
@@ -105,3 +106,41 @@ async def test_shared_csv_is_downloaded_with_the_bot_token_and_read_by_the_code(
     [download] = fake.calls_to("download")
     assert download["auth"] == f"Bearer {fake.token}"
     assert done(fake, event["ts"]) == [(CHANNEL, event["ts"], "white_check_mark")]
+
+
+SLOW = "Taking my time.\n```python\nimport time\ntime.sleep(6)\nprint('slept')\n```"
+
+
+async def test_a_stop_stops_only_its_own_job_and_another_users_press_is_refused(make_rig, start_worker, model_server):
+    """In one thread: B's Stop on A's running job is refused (A's job finishes); B's Stop on B's
+    own queued job ends it before it runs, and A's running job is untouched."""
+    def reply(messages):
+        last = str(messages[-1]["content"])
+        return "Slept well." if last.startswith("Execution result") else SLOW if "sleep" in last else "B's answer"
+
+    model_server.script = reply
+    rig = await make_rig(edit_interval=0.2)
+    await start_worker(slack_bot_token=rig.fake.token)
+    fake = rig.fake
+    first = mention("<@UBOT> sleep a while")
+    await rig.post_event(event_body(first))
+    [a_status] = await fake.wait_for(lambda: [c for c in fake.calls_to("chat.postMessage") if c.get("blocks")])
+    thread = lambda: fake.thread(CHANNEL, first["ts"])  # noqa: E731
+    await fake.wait_for(lambda: thread() and "running code" in thread()[0]["text"], within=120)
+
+    await rig.post_interaction(press(a_status, "U0B"))  # B presses A's Stop
+    [refusal] = await fake.wait_for(lambda: fake.calls_to("chat.postEphemeral"))
+    assert refusal["user"] == "U0B" and "can stop this run" in refusal["text"]
+
+    follow = message("and then answer me", user="U0B", thread_ts=first["ts"])
+    await rig.post_event(event_body(follow))  # B's request waits behind A's in the thread
+    [b_status] = await fake.wait_for(lambda: [c for c in fake.calls_to("chat.postMessage")
+                                              if c.get("blocks") and c is not a_status])
+    await rig.post_interaction(press(b_status, "U0B"))  # B stops B's own queued request
+
+    await fake.wait_for(lambda: done(fake, first["ts"]) and done(fake, follow["ts"]), within=120)
+    assert done(fake, first["ts"]) == [(CHANNEL, first["ts"], "white_check_mark")]  # A's job ran to the end
+    assert done(fake, follow["ts"]) == [(CHANNEL, follow["ts"], "black_square_for_stop")]
+    texts = "\n".join(m["text"] for m in thread())
+    assert "slept" in texts and "Slept well." in texts and "B's answer" not in texts
+    assert not any("and then answer me" in str(r["messages"]) for r in model_server.requests)  # never ran

@@ -8,7 +8,17 @@ import time
 
 import pytest
 
-from tests.adapters.slack.conftest import CHANNEL, SECRET, USER, event_body, mention, message, new_ts
+from tests.adapters.slack.conftest import (
+    CHANNEL,
+    SECRET,
+    USER,
+    event_body,
+    mention,
+    message,
+    new_ts,
+    press,
+    wait_listed,
+)
 
 
 async def test_mention_is_acked_enqueued_and_answered_in_a_thread(make_rig):
@@ -23,13 +33,14 @@ async def test_mention_is_acked_enqueued_and_answered_in_a_thread(make_rig):
     assert job.text == "plot revenue & costs"
     assert job.conversation.key == f"slack/T0001/{CHANNEL}/{event['ts']}"
     assert job.reply_stream == rig.settings.key("replies", "slack")
-    assert job.meta == {"channel": CHANNEL, "thread_ts": event["ts"], "message_ts": event["ts"]}
+    assert job.meta == {"channel": CHANNEL, "thread_ts": event["ts"], "message_ts": event["ts"], "user": USER}
     status = await rig.fake.wait_for(lambda: rig.fake.calls_to("chat.postMessage"))
     assert status[0]["thread_ts"] == event["ts"]
     [button] = json.loads(status[0]["blocks"])[1]["elements"] if isinstance(status[0]["blocks"], str) \
         else status[0]["blocks"][1]["elements"]
     assert button["action_id"] == "codeloop_stop"
-    assert json.loads(button["value"])["thread"] == event["ts"]
+    value = json.loads(button["value"])  # this job's Stop, naming whose job it is
+    assert (value["job"], value["user"], value["conversation"]["thread"]) == (job.id, USER, event["ts"])
 
 
 async def test_a_lone_surrogate_in_the_text_is_enqueued_as_a_replacement_character(make_rig):
@@ -133,7 +144,7 @@ async def test_direct_messages_continue_one_conversation_at_top_level(make_rig):
 
 
 async def test_allowlists(make_rig):
-    rig = await make_rig(slack_allowed_channels="C0001", slack_allowed_users="U0USER")
+    rig = await make_rig(slack_allowed_channels="C0001", slack_allowed_users="U0USER", slack_allow_dms="true")
     await rig.post_event(event_body(mention(channel="C0OTHER")))
     await rig.post_event(event_body(mention(user="U0STRANGER")))
     await rig.post_event(event_body(message("dm from a stranger", user="U0STRANGER", channel="D9",
@@ -148,6 +159,25 @@ async def test_allowlists(make_rig):
     assert all("not on this bot's list" in r["text"] for r in refusals)
 
 
+@pytest.mark.parametrize(("settings", "answered"), [
+    ({}, True),  # no allowlist: DMs are answered
+    ({"slack_allowed_channels": "C0001"}, False),  # a channel allowlist covers DMs too...
+    ({"slack_allowed_channels": "C0001", "slack_allow_dms": "true"}, True),  # ...unless DMs are allowed
+    ({"slack_allow_dms": "false"}, False),
+], ids=["default", "allowlist", "allowlist+dms", "dms-off"])
+async def test_direct_messages_follow_the_channel_allowlist_unless_allowed(make_rig, settings, answered):
+    rig = await make_rig(**settings)
+    dm = message("print(1)", channel="D9", channel_type="im")
+    await rig.post_event(event_body(dm))
+    if answered:
+        assert [j.text for j in await rig.jobs()] == ["print(1)"]
+        return
+    [refusal] = await rig.fake.wait_for(lambda: rig.fake.calls_to("chat.postEphemeral"))
+    assert refusal["user"] == USER and refusal["channel"] == "D9"
+    assert refusal["text"].startswith("Direct messages to this bot are turned off")
+    assert await rig.jobs() == []
+
+
 async def test_empty_and_too_long_requests_get_a_clear_reply_and_no_job(make_rig):
     rig = await make_rig(max_message_chars=100)
     empty = mention("<@UBOT>   ")
@@ -156,12 +186,13 @@ async def test_empty_and_too_long_requests_get_a_clear_reply_and_no_job(make_rig
     await rig.post_event(body, headers={"X-Slack-Retry-Num": "1"})  # refusal not repeated on retry
     long = mention("<@UBOT> " + "x" * 101)
     await rig.post_event(event_body(long))
-    posts = await rig.fake.wait_for(lambda: len(rig.fake.calls_to("chat.postMessage")) >= 2
-                                    and rig.fake.calls_to("chat.postMessage"))
+    posts = await rig.fake.wait_for(lambda: len(rig.fake.calls_to("chat.postEphemeral")) >= 2
+                                    and rig.fake.calls_to("chat.postEphemeral"))
     await asyncio.sleep(0.2)
     assert await rig.jobs() == []
-    posts = rig.fake.calls_to("chat.postMessage")
-    assert len(posts) == 2
+    posts = rig.fake.calls_to("chat.postEphemeral")  # refusals are for the user only
+    assert len(posts) == 2 and {p["user"] for p in posts} == {USER}
+    assert rig.fake.calls_to("chat.postMessage") == []
     by_thread = {p["thread_ts"]: p["text"] for p in posts}
     assert "without a request" in by_thread[empty["ts"]]
     assert "101 characters; the limit is 100" in by_thread[long["ts"]]
@@ -178,8 +209,8 @@ async def test_shared_files_become_attachments_and_oversize_ones_are_refused(mak
     assert (attachment.name, attachment.size, attachment.auth) == ("sales.csv", small["size"], "slack")
     assert attachment.url == small["url_private_download"]
     [notice] = await rig.fake.wait_for(
-        lambda: [p for p in rig.fake.calls_to("chat.postMessage") if "huge.csv" in p.get("text", "")])
-    assert "2.0 KiB" in notice["text"] and notice["thread_ts"] == event["ts"]
+        lambda: [p for p in rig.fake.calls_to("chat.postEphemeral") if "huge.csv" in p.get("text", "")])
+    assert "2.0 KiB" in notice["text"] and notice["thread_ts"] == event["ts"] and notice["user"] == USER
 
 
 async def test_reset_word_and_stop_word(make_rig, redis_client):
@@ -189,33 +220,32 @@ async def test_reset_word_and_stop_word(make_rig, redis_client):
     await pubsub.get_message(timeout=1.0)  # subscribe confirmation
     first = mention()
     await rig.post_event(event_body(first))
+    [job] = await rig.jobs()
+    await wait_listed(rig, job)
     await rig.post_event(event_body(mention("<@UBOT> reset", thread_ts=first["ts"])))
     await rig.post_event(event_body(mention("<@UBOT> stop", thread_ts=first["ts"])))
     jobs = await rig.jobs()
     assert [j.kind for j in jobs] == ["message", "reset"]
+    # The requester's typed stop stops their job, by its id.
     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2.0)
-    assert msg is not None and msg["data"].decode() == f"slack/T0001/{CHANNEL}/{first['ts']}"
+    assert msg is not None and msg["data"].decode() == f"job:{job.id}:slack/T0001/{CHANNEL}/{first['ts']}"
+    assert await redis_client.exists(rig.settings.key("cancelled", job.id))
     await pubsub.aclose()
 
 
-async def test_stop_button_cancels_the_conversation(make_rig, redis_client):
+async def test_stop_button_stops_that_job(make_rig, redis_client):
     rig = await make_rig()
     pubsub = redis_client.pubsub()
     await pubsub.subscribe(rig.settings.key("cancel"))
     await pubsub.get_message(timeout=1.0)
     first = mention()
     await rig.post_event(event_body(first))
+    [job] = await rig.jobs()
     [status] = await rig.fake.wait_for(lambda: rig.fake.calls_to("chat.postMessage"))
-    blocks = status["blocks"] if isinstance(status["blocks"], list) else json.loads(status["blocks"])
-    button = blocks[1]["elements"][0]
-    payload = {"type": "block_actions", "team": {"id": "T0001"}, "user": {"id": USER},
-               "channel": {"id": CHANNEL}, "trigger_id": "trig", "container": {"type": "message"},
-               "actions": [{"action_id": button["action_id"], "value": button["value"], "type": "button",
-                            "action_ts": "123.456", "block_id": "b"}]}
-    resp = await rig.post_interaction(payload)
+    resp = await rig.post_interaction(press(status, USER))
     assert resp.status == 200
     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2.0)
-    assert msg is not None and msg["data"].decode() == f"slack/T0001/{CHANNEL}/{first['ts']}"
+    assert msg is not None and msg["data"].decode() == f"job:{job.id}:slack/T0001/{CHANNEL}/{first['ts']}"
     await pubsub.aclose()
 
 
