@@ -287,6 +287,10 @@ async def test_min_replicas_puts_an_enqueue_on_a_replica_before_it_returns(
             entries = redis.Redis(port=port).xrange(settings.key("jobs"))
             assert [e[1][b"seq"] for e in entries] == [b"1"], port
         assert result.created
+        # a "reply shown" claim too: on both replicas before the reply is rendered
+        assert await redis_conn.claim_once(client, settings.key("rendered", "j", "terminal"), 60, replicas=2)
+        for port in cluster.ports[1:]:
+            assert redis.Redis(port=port).exists(settings.key("rendered", "j", "terminal")), port
 
         cluster.kill(cluster.ports[2])  # one replica left: two can no longer be reached
         slow = make_settings(**_sentinel_settings(cluster, redis_min_replicas=2, redis_replica_wait_ms=200))
