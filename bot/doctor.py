@@ -49,9 +49,10 @@ class Doctor:
     def redis(self) -> str:
         import redis
 
-        url = redact(self.settings.redis_url)
-        client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=self.timeout,
-                                      socket_connect_timeout=self.timeout)
+        from bot import redis_conn
+
+        url = redis_conn.where(self.settings) if self.settings.redis_sentinels else redact(self.settings.redis_url)
+        client = redis_conn.sync_client(self.settings, self.timeout)
         try:
             info = client.info("server")
             persistence = client.info("persistence")

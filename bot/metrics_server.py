@@ -27,11 +27,9 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
+from bot import redis_conn
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -118,8 +116,7 @@ def redis_check(settings: Settings) -> tuple[Check, Callable[[], Awaitable[None]
     """A PING on a connection of its own, without retries: a busy command pool must not make the
     probe wait, and an outage must show now, not after the pool's retry budget. Returns the check
     and the coroutine function that closes its connection."""
-    client = aioredis.Redis.from_url(settings.redis_url, retry=Retry(NoBackoff(), 0),
-                                     socket_connect_timeout=3, socket_timeout=3)
+    client = redis_conn.probe(settings, 3.0)  # through the sentinels when they are set
 
     async def check() -> str:
         await client.ping()

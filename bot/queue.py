@@ -39,7 +39,7 @@ from redis.exceptions import ResponseError
 from bot.autopipe import AutoPipeline, LuaScript
 from bot.errors import PoisonJob
 from bot.jobs import Conversation, Event, Job
-from bot.redis_conn import claim_once
+from bot.redis_conn import claim_once, run_replicated
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -211,6 +211,9 @@ class JobQueue:
                 await self.cancel(job.conversation)
             return EnqueueResult(job.id, True, 0)
         keys, args = self._enqueue_call(job, idem)
+        if self.settings.redis_min_replicas:  # on replicas before the platform's ack (docs/DEPLOY.md)
+            return self._enqueue_result(await run_replicated(self.redis, self.settings, _ENQUEUE, keys, args,
+                                                             touch=idem, ttl_s=self.settings.idempotency_ttl_s))
         return self._enqueue_result(await self.scripts.run(_ENQUEUE, keys, args))
 
     async def enqueue_many(self, jobs: list[Job]) -> list[EnqueueResult]:

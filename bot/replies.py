@@ -53,7 +53,8 @@ class ReplyReader:
         """True the first time this (job, seq) — or this job's terminal event — is seen."""
         slot = "terminal" if event.terminal else str(event.seq)
         key = self.settings.key("rendered", event.job_id, slot)
-        return await claim_once(self.redis, key, self.settings.idempotency_ttl_s)
+        return await claim_once(self.redis, key, self.settings.idempotency_ttl_s,
+                                replicas=self.settings.redis_min_replicas, wait_ms=self.settings.redis_replica_wait_ms)
 
     async def run(self, handler: Handler, stop: asyncio.Event | None = None, block_ms: int = 1000) -> None:
         """Render events until ``stop`` is set. Our own pending entries (from a crash) go first, and

@@ -47,6 +47,15 @@ class Settings(BaseSettings):
     history_chars: int = Field(200_000, ge=1000, description="stored history per conversation, newest kept")
     idempotency_ttl_s: int = Field(24 * 3600, ge=60)
     stream_maxlen: int = Field(100_000, ge=1000)
+    #: Redis behind Sentinel (docs/DEPLOY.md "Redis high availability"): with sentinels set, the
+    #: master is asked of them and CODELOOP_REDIS_URL gives only credentials, db and TLS (rediss://)
+    redis_sentinels: CSV = Field(default_factory=list, description="sentinels as host:port,host:port")
+    redis_sentinel_master: str | None = Field(None, description="the master's name the sentinels monitor")
+    redis_sentinel_password: SecretStr | None = Field(None, description="the sentinels' own requirepass")
+    redis_sentinel_tls: bool = Field(False, description="TLS to the sentinels")
+    redis_sentinel_tls_ca: str | None = Field(None, description="CA file for TLS to the sentinels")
+    redis_min_replicas: int = Field(0, ge=0, le=16, description="replicas an enqueue must reach before its ack")
+    redis_replica_wait_ms: int = Field(1000, ge=10, description="how long an enqueue waits for those replicas")
 
     # --- model -----------------------------------------------------------------------------
     llm_backend: Literal["tgi", "transformers"] | None = None  # default: tgi if llm_url else transformers
@@ -152,8 +161,18 @@ class Settings(BaseSettings):
         "download_test_hosts",
         "discord_allowed_guilds",
         "discord_allowed_channels",
+        "redis_sentinels",
         mode="before",
     )(_split_csv)
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels_are_addresses(cls, value: list[str]) -> list[str]:
+        for item in value:
+            host, colon, port = item.rpartition(":")
+            if not colon or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{item!r} is not host:port")
+        return value
 
     @field_validator("sandbox_labels")
     @classmethod
@@ -217,6 +236,8 @@ class Settings(BaseSettings):
             raise ConfigError("invalid settings: " + "; ".join(problems)) from None
         if settings.backend == "tgi" and not settings.llm_url:
             raise ConfigError("CODELOOP_LLM_URL is required when CODELOOP_LLM_BACKEND=tgi")
+        if settings.redis_sentinels and not settings.redis_sentinel_master:
+            raise ConfigError("CODELOOP_REDIS_SENTINEL_MASTER is required when CODELOOP_REDIS_SENTINELS is set")
         return settings
 
     def require(self, *names: str) -> None:
