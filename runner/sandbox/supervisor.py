@@ -32,6 +32,7 @@ import procs
 
 procs.set_dumpable(False)  # first: before anything could open /proc/1 (the kernel is forked later)
 
+import kernel as kernel_mod  # noqa: E402
 import wire  # noqa: E402
 from files import Outgoing, oom_kills, scan, snapshot, write_upload  # noqa: E402
 from link import KernelLink  # noqa: E402
@@ -356,6 +357,7 @@ def main() -> None:
     procs.exit_on_outside_sigterm()
     seed_tmp()
     os.chdir(DATA)
+    kernel_mod.preload()
     Supervisor(opts).loop()
 
 
