@@ -82,12 +82,18 @@ def _context(into: Path, requirements: Path | None = None) -> bool:
     return False
 
 
-def build(args: argparse.Namespace) -> int:
-    client = _client()
-    tag = args.tag or _default_tag()
+def build_args(args: argparse.Namespace) -> dict[str, str]:
+    """The Dockerfile's build arguments: the base image and the operator's extra packages."""
     buildargs = {"BASE": args.base} if args.base else {}
     if args.packages.strip():
         buildargs["PACKAGES"] = " ".join(args.packages.split())
+    return buildargs
+
+
+def build(args: argparse.Namespace) -> int:
+    client = _client()
+    tag = args.tag or _default_tag()
+    buildargs = build_args(args)
     if args.requirements is not None and not args.requirements.is_file():
         print(f"build failed: no requirements file {args.requirements}", file=sys.stderr)
         return 2

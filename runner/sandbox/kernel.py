@@ -8,8 +8,8 @@ stripped, capped). It reads one JSON command per line from ``cmd_fd`` and answer
 ``ctl_fd``, a Unix socket on which the supervisor learns each writer's pid from the kernel
 (SCM_CREDENTIALS): a process the cell forked cannot answer for it. stdout/stderr are pipes the
 supervisor drains and caps, so a flood never blocks here and output of subprocesses (``!cmd``
-included) is captured too. IPython is imported in the forked kernel only: the supervisor stays
-stdlib-only.
+included) is captured too. The supervisor builds the shell once before forking (``preload``), so
+a kernel starts in milliseconds.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ class Kernel:
         self.results_bytes = 0
         self.dropped = 0
         self.error: dict[str, str] | None = None
-        self.shell = make_shell(self)
+        global CURRENT
+        CURRENT = self
+        self.shell = SHELL if SHELL is not None else make_shell()
 
     # --- rich output ------------------------------------------------------------------------
     def bundle(self, format_dict: dict[str, Any], obj: Any = None) -> dict[str, str]:
@@ -149,19 +151,37 @@ class Kernel:
             view = view[os.write(self.ctl_fd, view) :]
 
 
+#: the kernel of this process (set when it starts; the shell's hooks report to it)
+CURRENT: Kernel | None = None
+#: the shell the supervisor builds once before forking (``preload``); each kernel gets it copied
+SHELL: Any = None
+
+
 def preload() -> None:
-    """Import IPython before the kernel is forked (the supervisor calls this once at start): every
-    kernel, the first and each after a reset or a crash, then starts in milliseconds instead of
-    importing IPython anew. Only imports: no shell exists, no cell code runs, in the supervisor."""
-    import IPython.core.displayhook
-    import IPython.core.displaypub
-    import IPython.core.interactiveshell
-    import IPython.display  # noqa: F401
+    """Build IPython's shell before the kernel is forked (the supervisor calls this once at start):
+    every kernel, the first and each after a reset or a crash, is then a fork with a pristine shell
+    and empty namespace, ready in milliseconds instead of importing IPython and building a shell
+    anew (~50 ms: HumanEval-style reset-per-task work would pay it each time). The supervisor only
+    builds it: no cell code runs there, its namespace is never used there, and the shell's hooks
+    report to ``CURRENT``, which exists only in a kernel."""
+    global SHELL
+    import bdb  # noqa: F401  (imported by a shell's first cell otherwise)
+    import hashlib  # noqa: F401
+
+    import IPython.core.logger  # noqa: F401
+
+    SHELL = make_shell()
+    SHELL.transform_cell("x = 1\n")  # tokenizer regexes compiled once, here (pure text work)
 
 
-def make_shell(kernel: Kernel) -> Any:
+def _current() -> Kernel:
+    assert CURRENT is not None, "the shell's hooks run in a kernel only"
+    return CURRENT
+
+
+def make_shell() -> Any:
     """An ``InteractiveShell`` whose display hook, display publisher and traceback printer feed
-    ``kernel`` instead of printing; history in memory (the root is read-only)."""
+    the current kernel instead of printing; history in memory (the root is read-only)."""
     from IPython.core.displayhook import DisplayHook
     from IPython.core.displaypub import DisplayPublisher
     from IPython.core.interactiveshell import InteractiveShell
@@ -180,6 +200,7 @@ def make_shell(kernel: Kernel) -> Any:
 
         def write_format_data(self, format_dict: dict[str, Any], md_dict: Any = None) -> None:
             value, self.value = self.value, None
+            kernel = _current()
             kernel.add_result("execute_result", kernel.bundle(format_dict, value))
 
         def finish_displayhook(self) -> None:
@@ -187,6 +208,7 @@ def make_shell(kernel: Kernel) -> Any:
 
     class Publisher(DisplayPublisher):  # display(): a display_data result
         def publish(self, data: dict[str, Any], metadata: Any = None, *args: Any, **kwargs: Any) -> None:
+            kernel = _current()
             kernel.add_result("display_data", kernel.bundle(data))
 
         def clear_output(self, wait: bool = False) -> None:
@@ -201,7 +223,7 @@ def make_shell(kernel: Kernel) -> Any:
                 value = str(evalue)
             except Exception as exc:
                 value = f"<unprintable {etype.__name__}: {exc!r}>"
-            kernel.set_error(getattr(etype, "__name__", str(etype)), value, list(stb))
+            _current().set_error(getattr(etype, "__name__", str(etype)), value, list(stb))
 
         def system(self, cmd: str) -> None:  # `!cmd`: straight onto the cell's stdout/stderr pipes
             for stream in (sys.stdout, sys.stderr):
@@ -219,6 +241,12 @@ def make_shell(kernel: Kernel) -> Any:
     config.InteractiveShell.autocall = 0
     config.InteractiveShell.automagic = True
     shell = Shell.instance(config=config)
+    # only the MIME types a reply carries (wire.MIMES): no time spent on reprs that would be dropped
+    import wire
+
+    shell.display_formatter.active_types = [
+        m for m in shell.display_formatter.format_types if m in wire.MIMES
+    ]
     shell.user_ns.setdefault("display", __import__("IPython.display", fromlist=["display"]).display)
     return shell
 
@@ -308,6 +336,11 @@ def serve(cmd_fd: int, ctl_fd: int, output_chars: int) -> None:
     except OSError:
         pass
     kernel = Kernel(ctl_fd, output_chars)
+    try:  # IPython's profile folder (IPYTHONDIR, in /tmp, which a reset empties)
+        os.makedirs(kernel.shell.profile_dir.location, exist_ok=True)
+        kernel.shell.profile_dir.check_dirs()
+    except (OSError, AttributeError):
+        pass
     with open(cmd_fd, "rb", closefd=False) as commands:
         for line in commands:
             req = json.loads(line)

@@ -9,7 +9,8 @@ cell leaves running once it ends, reports OOM kills and crashes, returns files c
 /mnt/data (streamed, within a total cap), and exits after the idle TTL so an abandoned session is
 reaped even if every worker died (the container is created with auto-remove). A warm-pool
 container no thread has taken yet (``--claim-ttl``) lives only while its worker keeps pinging
-it: a worker killed with its pool leaves nothing behind for long. Stdlib only.
+it: a worker killed with its pool leaves nothing behind for long. Stdlib only, but for building
+IPython's shell once before the first fork (kernel.preload).
 
 Requests: {"id", "op": run|put|reset|interrupt|ping, ...}; every reply carries the request's id.
 """
