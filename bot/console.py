@@ -3,7 +3,8 @@
 If no worker is alive it starts one in-process, so this one command is enough. Interactive on a
 terminal; with stdin from a pipe it sends one message per line, prints every event as it comes,
 and exits after the last message's final event. ``/reset`` starts over, ``/upload PATH``
-attaches a file to the next message, Ctrl-C stops a running answer (twice quits).
+attaches a file to the next message, ``/export`` writes the thread as a notebook (nbformat v4),
+Ctrl-C stops a running answer (twice quits).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from bot import metrics, redis_conn
 from bot.errors import InputRejected
 from bot.jobs import Attachment, Conversation, Event, Job
+from bot.notebook import NotebookRecorder, dumps
 from bot.queue import JobQueue
 from bot.sandbox_link import safe_filename
 from bot.settings import Settings
@@ -96,6 +98,8 @@ class Console:
                                          thread=thread or uuid.uuid4().hex[:12])
         self.reply_stream = settings.key("replies", "console", uuid.uuid4().hex)
         self.renderer = ConsoleRenderer(out_dir, interactive)
+        self.out_dir = out_dir
+        self.notebook = NotebookRecorder(title=self.conversation.thread)
         self.interactive = interactive
         self.pending_files: list[Attachment] = []
         self.last_id = "0"
@@ -108,6 +112,8 @@ class Console:
                   text=text, kind=kind, reply_stream=self.reply_stream,  # type: ignore[arg-type]
                   attachments=self.pending_files)
         self.pending_files = []
+        if kind == "message":
+            self.notebook.user(text)
         await self.queue.enqueue(job)
         await self._follow(job.id)
 
@@ -121,6 +127,7 @@ class Console:
                     if event.job_id != job_id:
                         continue
                     self.renderer.render(event)
+                    self.notebook.event(event)
                     if event.terminal:
                         return
 
@@ -137,6 +144,14 @@ class Console:
                                              data_b64=base64.b64encode(path.read_bytes()).decode()))
         return f"attached {path.name} ({size:,} bytes) to your next message"
 
+    def export(self) -> Path:
+        """This session's part of the thread as ``<out>/<thread>/<thread>.ipynb`` (nbformat v4)."""
+        folder = self.out_dir / safe_filename(self.conversation.thread)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{safe_filename(self.conversation.thread)}.ipynb"
+        path.write_text(dumps(self.notebook.notebook()), encoding="utf-8")
+        return path
+
     async def handle_line(self, line: str) -> bool:
         """Returns False when the user asked to quit."""
         text = line.strip()
@@ -144,6 +159,8 @@ class Console:
             return False
         if text == "/reset":
             await self.send("", kind="reset")
+        elif text == "/export":
+            print(f"[export] wrote {self.export()}", flush=True)
         elif text.startswith("/upload "):
             try:
                 print(self.attach(text[len("/upload "):].strip()), flush=True)
@@ -206,7 +223,7 @@ async def run_console(settings: Settings, args: argparse.Namespace) -> int:
             worker_task.result()  # raises the start-up error (bad image, unreachable model, ...)
     try:
         if interactive:
-            print(f"codeloop console: thread {console.conversation.thread}. /upload PATH, /reset, /quit.")
+            print(f"codeloop console: thread {console.conversation.thread}. /upload PATH, /export, /reset, /quit.")
         while True:
             line = await _read_line("you> " if interactive else "")
             if line is None or not await console.handle_line(line):

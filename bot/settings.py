@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     sandbox_cell_timeout_s: float = Field(30.0, gt=0)
     sandbox_tmp_size: str = "64m"
     sandbox_data_size: str = "256m"
+    sandbox_wheelhouse: str | None = Field(
+        None, pattern=r"^(/[A-Za-z0-9._@+-]+)+$",
+        description="host directory of wheels that %pip / !pip install from, mounted read-only (no internet)",
+    )
     sandbox_nofile: int = Field(256, ge=32)
     sandbox_fsize: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
     sandbox_user: str = Field("auto", pattern=r"^(auto|[1-9][0-9]{0,9}(:[1-9][0-9]{0,9})?)$",

@@ -343,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-memory", default=env("PROXY_MAX_MEMORY", "4g"), help="bytes, or 512m / 4g")
     parser.add_argument("--max-pids", type=int, default=int(env("PROXY_MAX_PIDS", "512")))
     parser.add_argument("--max-cpus", type=float, default=float(env("PROXY_MAX_CPUS", "4")))
+    parser.add_argument("--wheelhouse", default=env("PROXY_WHEELHOUSE", env("CODELOOP_SANDBOX_WHEELHOUSE")) or None,
+                        help="host directory of pip wheels sandboxes may mount read-only (the only bind mount)")
     parser.add_argument("--tls-cert", default=env("PROXY_TLS_CERT"), help="server certificate (PEM)")
     parser.add_argument("--tls-key", default=env("PROXY_TLS_KEY"), help="its private key (PEM)")
     parser.add_argument("--tls-ca", default=env("PROXY_TLS_CA"), help="CA that signs the clients' certificates")
@@ -367,8 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         parser.error(f"{exc} (--max-memory, --seccomp-profile)")
     runtimes = [r for r in args.runtimes.split(",") if r]
-    create = CreatePolicy(profile, runtimes, min_uid=args.min_uid, max_memory=max_memory,
-                          max_pids=args.max_pids, max_cpus=args.max_cpus)
+    try:
+        create = CreatePolicy(profile, runtimes, min_uid=args.min_uid, max_memory=max_memory,
+                              max_pids=args.max_pids, max_cpus=args.max_cpus, wheelhouse=args.wheelhouse)
+    except ValueError as exc:
+        parser.error(f"{exc} (--wheelhouse)")
     policy = Policy(create, args.upstream, [i for i in args.images.split(",") if i])
     tls = tls_context(*tls_files) if all(tls_files) else None
     if scheme == "tcp" and tls is None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 INT32_MAX = 2**31 - 1
+#: where a sandbox sees the operator's wheelhouse (runner/config.py WHEELHOUSE_DIR), read-only
+WHEELHOUSE_TARGET = "/opt/wheelhouse"
 DROP: Any = object()  # a checked value that is left out of the forwarded body
 Check = Callable[[Any, str], Any]
 
@@ -96,6 +98,11 @@ def empty(value: Any, where: str) -> Any:
     if value is None or (type(value) in (bool, int, str, list, Pairs) and not value):
         return DROP
     raise Denied(f"{where} must be empty (got {_short(value)})")
+
+
+def empty_or_none(value: Any) -> bool:
+    """What :func:`empty` accepts."""
+    return value is None or (type(value) in (bool, int, str, list, Pairs) and not value)
 
 
 def null(value: Any, where: str) -> Any:
@@ -226,8 +233,15 @@ class CreatePolicy:
     max_memory: int = 4 * 1024**3
     max_pids: int = 512
     max_cpus: float = 4.0
+    #: the host directory of pip wheels sandboxes may mount read-only at WHEELHOUSE_TARGET (the
+    #: only bind mount a sandbox may have; None: none at all)
+    wheelhouse: str | None = None
 
     def __post_init__(self) -> None:
+        if self.wheelhouse is not None and (
+            not _PATH.fullmatch(self.wheelhouse) or {".", ".."} & set(self.wheelhouse.split("/"))
+        ):
+            raise ValueError(f"the wheelhouse must be a plain absolute path, not {self.wheelhouse!r}")
         profile = json.dumps(self.seccomp_profile, separators=(",", ":"))
         self.security_opt = ["no-new-privileges", f"seccomp={profile}"]
         memory = integer(1, self.max_memory, optional=False)
@@ -261,8 +275,9 @@ class CreatePolicy:
                 # a sandbox that restarts itself would outlive its idle TTL
                 "RestartPolicy": obj({"Name": one_of(("no",), or_empty=True), "MaximumRetryCount": empty}),
                 # named so that the refusal says which one; only "nothing" passes, and is dropped
+                "Binds": self._binds,
                 **dict.fromkeys(
-                    ("Binds", "GroupAdd", "Devices", "DeviceRequests", "DeviceCgroupRules", "VolumesFrom",
+                    ("GroupAdd", "Devices", "DeviceRequests", "DeviceCgroupRules", "VolumesFrom",
                      "VolumeDriver", "Links", "PortBindings", "PublishAllPorts", "Sysctls", "ExtraHosts",
                      "PidMode", "UTSMode", "UsernsMode", "CgroupnsMode", "Cgroup", "CgroupParent",
                      "OomKillDisable", "StorageOpt", "Dns", "DnsOptions",
@@ -348,6 +363,16 @@ class CreatePolicy:
             return limit
 
         return checked
+
+    def _binds(self, value: Any, where: str) -> Any:
+        """Nothing, or exactly the configured wheelhouse, read-only, at WHEELHOUSE_TARGET."""
+        if empty_or_none(value):
+            return DROP
+        allowed = f"{self.wheelhouse}:{WHEELHOUSE_TARGET}:ro"
+        if self.wheelhouse is None or not isinstance(value, list) or value != [allowed]:
+            only = f"[{allowed!r}]" if self.wheelhouse else "nothing (no wheelhouse configured)"
+            raise Denied(f"{where}: a sandbox may bind-mount {only}, not {_short(value)}")
+        return [allowed]
 
     def _only_tmpfs(self, check: Check) -> Check:
         def checked(value: Any, where: str) -> Any:

@@ -26,6 +26,9 @@ CONTEXT_FILES = (
     "sandbox/procs.py",
     "sandbox/wire.py",
     "sandbox/link.py",
+    "image/requirements.txt",
+    "image/constraints.txt",
+    "image/extra-requirements.txt",
 )
 
 
@@ -35,6 +38,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--base", help="base image with Python 3.10+ (default: python:3.12-slim)")
     build.add_argument("--tag", help="image tag (default: CODELOOP_SANDBOX_IMAGE)")
     build.add_argument("--no-cache", action="store_true", help="rebuild every layer")
+    build.add_argument("--packages", default="",
+                       help='extra pip requirements, space-separated (e.g. "polars duckdb"), on top of the batteries')
+    build.add_argument("--requirements", type=Path, help="a requirements file of extra packages to install too")
     sub.add_parser("ls", help="list sandbox containers")
     sub.add_parser("reap", help="one janitor pass: remove sandboxes idle past the TTL, frozen or not running "
                    "(the ones a worker's janitor would; CODELOOP_SANDBOX_LABELS selects the deployment)")
@@ -58,12 +64,15 @@ def _default_tag() -> str:
     return Settings.load().sandbox_image
 
 
-def _context(into: Path) -> bool:
-    """Copy the build context into ``into``; True when this host's CA bundle went along."""
+def _context(into: Path, requirements: Path | None = None) -> bool:
+    """Copy the build context into ``into`` (``requirements``, the operator's extras, replaces
+    image/extra-requirements.txt); True when this host's CA bundle went along."""
     for name in CONTEXT_FILES:
         target = into / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(HERE / name, target)
+    if requirements is not None:
+        shutil.copy(requirements, into / "image" / "extra-requirements.txt")
     (into / "certs").mkdir()
     # pip inside the build must trust what this host trusts (TLS-intercepting proxies, private CAs).
     for bundle in CA_BUNDLES:
@@ -73,12 +82,23 @@ def _context(into: Path) -> bool:
     return False
 
 
+def build_args(args: argparse.Namespace) -> dict[str, str]:
+    """The Dockerfile's build arguments: the base image and the operator's extra packages."""
+    buildargs = {"BASE": args.base} if args.base else {}
+    if args.packages.strip():
+        buildargs["PACKAGES"] = " ".join(args.packages.split())
+    return buildargs
+
+
 def build(args: argparse.Namespace) -> int:
     client = _client()
     tag = args.tag or _default_tag()
-    buildargs = {"BASE": args.base} if args.base else {}
+    buildargs = build_args(args)
+    if args.requirements is not None and not args.requirements.is_file():
+        print(f"build failed: no requirements file {args.requirements}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="codeloop-sandbox-") as tmp:
-        with_ca = _context(Path(tmp))
+        with_ca = _context(Path(tmp), args.requirements)
         print(f"building {tag} from {args.base or 'python:3.12-slim'}"
               + (" (with this host's CA bundle for pip)" if with_ca else ""), flush=True)
         stream = client.api.build(path=tmp, tag=tag, buildargs=buildargs, decode=True, rm=True,

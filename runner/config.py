@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 PROTOCOL = "3"
 SUPERVISOR = ["python", "-u", "/opt/codeloop/supervisor.py"]
 DATA_DIR = "/mnt/data"
+#: where the operator's wheelhouse appears in a sandbox (deploy/docker_proxy_policy.py WHEELHOUSE_TARGET)
+WHEELHOUSE_DIR = "/opt/wheelhouse"
 SESSION_LABEL = "codeloop.session"
 NAME_LABEL = "codeloop.label"
 POOL_LABEL = "pool"  # label of a warm container no thread has taken yet
@@ -44,6 +46,8 @@ class SandboxConfig:
     cell_timeout_s: float = 30.0
     tmp_size: str = "64m"
     data_size: str = "256m"
+    #: host directory of wheels that %pip / !pip install from, mounted read-only (None: none)
+    wheelhouse: str | None = None
     nofile: int = 256
     fsize: int = 256 * 1024 * 1024
     #: "auto": a fresh random uid:gid per container (UID_RANGE); "uid:gid" pins one for all
@@ -79,6 +83,7 @@ class SandboxConfig:
                 "cell_timeout_s",
                 "tmp_size",
                 "data_size",
+                "wheelhouse",
                 "nofile",
                 "fsize",
                 "user",
@@ -179,6 +184,8 @@ def host_config(api: Any, config: SandboxConfig, user: tuple[str, str]) -> dict[
     }
     if config.runtime:
         opts["runtime"] = config.runtime
+    if config.wheelhouse:  # the only bind mount a sandbox gets (and the docker proxy allows)
+        opts["binds"] = [f"{config.wheelhouse}:{WHEELHOUSE_DIR}:ro"]
     result: dict[str, Any] = api.create_host_config(**opts)
     return result
 
@@ -198,6 +205,8 @@ def container_spec(api: Any, config: SandboxConfig, label: str, claim_ttl_s: flo
                 "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 "HOME": "/tmp",
                 "LANG": "C.UTF-8",
+                # pip never reaches an index (PIP_NO_INDEX in the image); wheels come from here
+                **({"PIP_FIND_LINKS": WHEELHOUSE_DIR} if config.wheelhouse else {}),
             },
             "working_dir": DATA_DIR,
             "hostname": "sandbox",

@@ -12,7 +12,10 @@ import json
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
+
+import docker
 
 from runner.config import SandboxConfig
 from runner.manager import SandboxManager
@@ -30,6 +33,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", type=int, default=2,
                         help="sandbox sessions (and harness threads) for HumanEval")
     parser.add_argument("--skip-humaneval", action="store_true")
+    parser.add_argument("--baseline-image", default="",
+                        help="another sandbox image (e.g. the previous release) for image size, cold start "
+                        "and first `import pandas` side by side; default: none")
+    parser.add_argument("--cold-runs", type=int, default=3, help="cold starts to time per image")
 
 
 def emit(name: str, value: float, unit: str, **extra: Any) -> None:
@@ -128,6 +135,50 @@ async def bench_humaneval(manager: SandboxManager, args: argparse.Namespace) -> 
     emit("runner.humaneval_ratio", sandbox_s / harness_s, "x", target=1.0)
 
 
+def image_mb(client: Any, image: str) -> float:
+    return float(client.images.get(image).attrs["Size"]) / 1e6
+
+
+async def cold_figures(config: SandboxConfig, runs: int) -> tuple[list[float], list[float]]:
+    """Seconds from nothing (no pool) to a new sandbox's first answered cell, and its first
+    ``import pandas``, ``runs`` times."""
+    manager = SandboxManager(replace(config, pool_size=0))
+    await manager.start()
+    starts, pandas = [], []
+    try:
+        for _ in range(runs):
+            started = time.perf_counter()
+            session, _ = await manager.acquire(None, "bench-cold")
+            try:
+                await session.run(TRIVIAL)
+                starts.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                result = await session.run("import pandas", timeout=60)
+                if result.error is not None:
+                    raise RuntimeError(f"import pandas failed in {config.image}: {result.error}")
+                pandas.append(time.perf_counter() - started)
+            finally:
+                await manager.destroy(session.id)
+    finally:
+        await manager.aclose()
+    return starts, pandas
+
+
+async def bench_image(config: SandboxConfig, args: argparse.Namespace) -> None:
+    client = docker.from_env()
+    base_cfg = replace(config, image=args.baseline_image) if args.baseline_image else None
+    extra: dict[str, Any] = {"baseline_name": args.baseline_image} if base_cfg else {}
+    size = await asyncio.to_thread(image_mb, client, config.image)
+    base_size = await asyncio.to_thread(image_mb, client, args.baseline_image) if base_cfg else None
+    emit("runner.image_size", size, "MB", image=config.image, baseline=base_size and round(base_size, 1), **extra)
+    starts, pandas = await cold_figures(config, args.cold_runs)
+    base_starts, base_pandas = await cold_figures(base_cfg, args.cold_runs) if base_cfg else ([], [])
+    for name, values, base in (("runner.cold_start_first_cell", starts, base_starts),
+                               ("runner.first_import_pandas", pandas, base_pandas)):
+        emit(name, pct(values, 0.5) * 1e3, "ms", n=len(values), image=config.image,
+             baseline=round(pct(base, 0.5) * 1e3, 1) if base else None, **extra)
+
+
 async def run(args: argparse.Namespace) -> None:
     from bot.settings import Settings
 
@@ -144,6 +195,7 @@ async def run(args: argparse.Namespace) -> None:
         finally:
             await manager.destroy(session.id)
         await bench_acquire(manager, config, args)
+        await bench_image(config, args)
         if not args.skip_humaneval:
             await manager.wait_pool()
             await bench_humaneval(manager, args)

@@ -9,7 +9,8 @@ cell leaves running once it ends, reports OOM kills and crashes, returns files c
 /mnt/data (streamed, within a total cap), and exits after the idle TTL so an abandoned session is
 reaped even if every worker died (the container is created with auto-remove). A warm-pool
 container no thread has taken yet (``--claim-ttl``) lives only while its worker keeps pinging
-it: a worker killed with its pool leaves nothing behind for long. Stdlib only.
+it: a worker killed with its pool leaves nothing behind for long. Stdlib only, but for building
+IPython's shell once before the first fork (kernel.preload).
 
 Requests: {"id", "op": run|put|reset|interrupt|ping, ...}; every reply carries the request's id.
 """
@@ -32,6 +33,7 @@ import procs
 
 procs.set_dumpable(False)  # first: before anything could open /proc/1 (the kernel is forked later)
 
+import kernel as kernel_mod  # noqa: E402
 import wire  # noqa: E402
 from files import Outgoing, oom_kills, scan, snapshot, write_upload  # noqa: E402
 from link import KernelLink  # noqa: E402
@@ -356,6 +358,7 @@ def main() -> None:
     procs.exit_on_outside_sigterm()
     seed_tmp()
     os.chdir(DATA)
+    kernel_mod.preload()
     Supervisor(opts).loop()
 
 

@@ -83,6 +83,41 @@ async def test_failing_code_is_fed_back_and_fixed(start_worker: Any, model_serve
     assert "[final] done in 3 round(s)" in capsys.readouterr().out
 
 
+async def test_export_writes_a_valid_notebook_with_the_plot(start_worker: Any, model_server: Any,
+                                                             tmp_path: Path) -> None:
+    import nbformat
+
+    model_server.script = [BROKEN, FIXED, DONE]
+    worker = await start_worker()
+    console = Recorder(worker.settings, None, tmp_path, interactive=False)
+    await console.connect()
+    try:
+        await asyncio.wait_for(console.handle_line("compute the mean of 3, 5, 7 and plot it"), timeout=90)
+        await console.handle_line("/export")
+    finally:
+        await console.close()
+    # the model read the error in Jupyter's format (IPython in the sandbox)
+    feedback = model_server.requests[1]["messages"][-1]["content"]
+    assert "Cell In[1], line 3" in feedback and "----> 3 mean = sum(values) / len(valuez)" in feedback
+    assert "\x1b" not in feedback
+    thread = console.conversation.thread
+    path = tmp_path / thread / f"{thread}.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    kinds = [c.cell_type for c in nb.cells]
+    assert kinds == ["markdown", "markdown", "code", "markdown", "code", "markdown"]
+    assert nb.cells[0].source == "**User:** compute the mean of 3, 5, 7 and plot it"
+    assert nb.cells[1].source == "**Assistant:** I'll compute the mean and plot it."
+    broken, fixed = nb.cells[2], nb.cells[4]
+    assert "len(valuez)" in broken.source and broken.execution_count == 1
+    assert [o.output_type for o in broken.outputs] == ["error"]
+    assert broken.outputs[0].ename == "NameError" and any("Cell In[1]" in line for line in broken.outputs[0].traceback)
+    assert [o.output_type for o in fixed.outputs] == ["stream", "display_data"]
+    assert fixed.outputs[0].text.strip() == "mean 5.0"
+    assert base64.b64decode(fixed.outputs[1].data["image/png"]).startswith(PNG_MAGIC)
+    assert nb.cells[5].source == f"**Assistant:** {DONE}"
+
+
 async def test_follow_up_uses_the_same_python_session(start_worker: Any, model_server: Any, tmp_path: Path) -> None:
     model_server.script = ["```python\nsecret = 41 + 1\nprint('set')\n```", "Set it.",
                            "```python\nprint(secret * 2)\n```", "It is 84."]

@@ -86,8 +86,8 @@ async def make_manager(
     for manager in managers:
         await manager.aclose()
     leftovers = await asyncio.to_thread(
-        docker_client.containers.list, all=True, filters={"label": f"{TEST_LABEL}={run_id}"}
-    )
+        docker_client.containers.list, all=True, filters={"label": f"{TEST_LABEL}={run_id}"}, sparse=True
+    )  # sparse: no inspect per container, which races with auto-removal (404)
     for container in leftovers:
         try:
             await asyncio.to_thread(container.remove, force=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from typing import Any
 
 from runner.results import ExecutionResult
@@ -16,3 +17,10 @@ async def run_ok(session: SandboxSession, code: str, **kw: Any) -> ExecutionResu
     result = await session.run(code, **kw)
     assert result.error is None, result.error
     return result
+
+
+def literal(text: str | None) -> object:
+    """The value a cell's text/plain shows: IPython pretty-prints (a long dict wraps over lines,
+    as in Jupyter), so tests compare values, not layouts."""
+    assert text is not None
+    return ast.literal_eval(text)

@@ -19,7 +19,7 @@ from runner.config import RESULTS_BYTES
 from runner.manager import SandboxManager
 from runner.results import ExecutionResult
 from runner.session import SandboxSession
-from tests.runner.helpers import run_ok
+from tests.runner.helpers import literal, run_ok
 
 FAKE_SECRET = "xoxb-fake-secret-4f1c2d"
 
@@ -131,7 +131,7 @@ async def test_writes_to_system_dirs(session: SandboxSession) -> None:
         "    except OSError as exc:\n        out[path] = errno.errorcode[exc.errno]\nout"
     )
     result = await run_ok(session, code)
-    assert result.results[0].text == (
+    assert literal(result.results[0].text) == literal(
         "{'/x': 'EROFS', '/etc/x': 'EROFS', '/usr/x': 'EROFS', "
         "'/opt/codeloop/kernel.py': 'EACCES', '/etc/passwd': 'EACCES'}"
     )  # new names: the read-only root answers; existing root-owned files: permissions answer first
@@ -186,7 +186,7 @@ async def test_setuid_and_capabilities(session: SandboxSession) -> None:
         "(out, os.getuid() >= 2**20, status['CapEff'], status['CapBnd'], status['NoNewPrivs'])"
     )
     result = await run_ok(session, code)
-    assert result.results[0].text == (
+    assert literal(result.results[0].text) == literal(
         "(['PermissionError', 'PermissionError', 'PermissionError', 'PermissionError'], True, "
         "'0000000000000000', '0000000000000000', '1')"
     )
@@ -275,7 +275,7 @@ async def test_pid_1_fds_memory_and_ptrace_are_closed_to_cells(session: SandboxS
         "out['self'] = open('/proc/self/oom_score_adj').read().strip()  # the kernel stays dumpable\nout"
     )
     result = await run_ok(session, code)
-    assert result.results[0].text == (
+    assert literal(result.results[0].text) == literal(
         "{'/proc/1/fd/1': 'PermissionError', '/proc/1/fd/0': 'PermissionError', "
         "'/proc/1/mem': 'PermissionError', 'ls': 'PermissionError', 'ptrace': (-1, 'EPERM'), 'self': '1000'}"
     )
@@ -293,7 +293,7 @@ async def test_a_forked_child_cannot_answer_for_the_kernel(session: SandboxSessi
     # The child finds the kernel's reply channel and writes a well-formed answer first, claiming
     # the kernel's pid; the supervisor knows the writer's real pid and ignores it.
     code = (
-        "import json, os, sys\nn = int(sys._getframe().f_code.co_filename[6:-1])\n"
+        "import json, os, sys\nn = int(get_ipython().execution_count)\n"
         + CHANNELS.replace("KINDS", "('socket:', 'pipe:')")
         + "forged = {'t': 'done', 'n': n, 'pid': os.getpid(), 'error': None, 'notes': [], "
         "'results': [{'kind': 'execute_result', 'data': {'text/plain': 'FORGED'}}]}\n"
@@ -365,7 +365,8 @@ async def test_reset_gives_a_clean_session(session: SandboxSession) -> None:
         "os.listdir('/mnt/data'), 'x' in globals())",
         timeout=60,  # the first import of matplotlib is slow on a busy machine
     )
-    assert result.results[0].text == "([], ['.mpl'], 1, ['keep.txt'], False)"  # header line only
+    # header line only; in /tmp only the kernel's own directories (IPython's, pip's site, matplotlib's)
+    assert result.results[0].text == "([], ['.ipython', '.local', '.mpl'], 1, ['keep.txt'], False)"
     assert (await run_ok(session, PROCESSES)).results[0].text == "True"
 
 
@@ -463,7 +464,7 @@ async def test_a_malformed_kernel_answer_costs_the_kernel_not_the_session(sessio
     find = CHANNELS.replace("KINDS", "'socket:'") + "import json, sys\nfd = fds[0]\nx = 1\n"
     # a well-formed answer of raw UTF-8 that would triple in size once \\u-escaped
     swollen = (
-        "(json.dumps({'t': 'done', 'n': int(sys._getframe().f_code.co_filename[6:-1]), 'error': None, "
+        "(json.dumps({'t': 'done', 'n': int(get_ipython().execution_count), 'error': None, "
         "'notes': [], 'results': [{'kind': 'display_data', 'data': {'text/plain': '\\U0001f600' * 2_000_000}}]}, "
         "ensure_ascii=False) + '\\n').encode()"
     )

@@ -14,7 +14,7 @@ import pytest
 
 from runner.hardening import PROFILE_PATH, seccomp_profile, security_opt
 from runner.session import SandboxSession
-from tests.runner.helpers import run_ok
+from tests.runner.helpers import literal, run_ok
 
 pytestmark = pytest.mark.docker
 
@@ -124,6 +124,6 @@ if pid == 0:
 out["fork"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 out
 """)
-    assert result.results[0].text == (
+    assert literal(result.results[0].text) == literal(
         "{'numpy': 45, 'threads': 8, 'subprocess': '42\\n', 'tcp': 'hi', 'unix': 'up', 'fork': 7}"
     )

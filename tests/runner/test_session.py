@@ -58,7 +58,7 @@ async def test_traceback_is_clean(session: SandboxSession) -> None:
     tb = result.error.traceback
     assert "\x1b" not in tb
     assert "kernel.py" not in tb and "supervisor.py" not in tb
-    assert "raise ValueError" in tb and "<cell-1>" in tb
+    assert "raise ValueError" in tb and "Cell In[1], line 2" in tb
     syntax = await session.run("def broken(:\n    pass")
     assert syntax.error is not None and syntax.error.name == "SyntaxError"
 
