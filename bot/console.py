@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 from bot import metrics, redis_conn
+from bot.blobs import BlobStore, missing_note
 from bot.errors import InputRejected
 from bot.jobs import Attachment, Conversation, Event, Job
 from bot.queue import JobQueue
@@ -44,7 +45,8 @@ class ConsoleRenderer:
             self.in_delta = False
         print(text, flush=True)
 
-    def render(self, event: Event) -> None:
+    def render(self, event: Event, data: bytes | None = None) -> None:
+        """``data``: the bytes of an image/file event (taken from its blob by the caller)."""
         p = event.payload
         if event.type == "delta":
             if not self.in_delta:
@@ -59,19 +61,22 @@ class ConsoleRenderer:
             text = p.get("text") or "(no output)"
             self._line("[output]\n" + text)
         elif event.type in ("image", "file"):
-            path = self._save(event.conversation.thread, p.get("name", event.type), p.get("data_b64", ""))
-            self._line(f"[{event.type}] saved {path}")
+            if data is None:
+                self._line(f"[{event.type}] {missing_note(p)}")
+            else:
+                path = self._save(event.conversation.thread, p.get("name", event.type), data)
+                self._line(f"[{event.type}] saved {path}")
         elif event.type == "final":
             tag = "stopped" if p.get("cancelled") else f"done in {p.get('rounds', 0)} round(s)"
             self._line(f"[final] {tag}")
         elif event.type == "error":
             self._line(f"[error] {p.get('message', '')}")
 
-    def _save(self, thread: str, name: str, data_b64: str) -> Path:
+    def _save(self, thread: str, name: str, data: bytes) -> Path:
         folder = self.out_dir / thread
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / Path(name).name
-        path.write_bytes(base64.b64decode(data_b64))
+        path = folder / (Path(name).name or "file")
+        path.write_bytes(data)
         return path
 
 
@@ -84,6 +89,7 @@ class Console:
                                          thread=thread or uuid.uuid4().hex[:12])
         self.reply_stream = settings.key("replies", "console", uuid.uuid4().hex)
         self.renderer = ConsoleRenderer(out_dir, interactive)
+        self.blobs = BlobStore(self.redis, settings)
         self.interactive = interactive
         self.pending_files: list[Attachment] = []
         self.last_id = "0"
@@ -100,17 +106,28 @@ class Console:
         await self._follow(job.id)
 
     async def _follow(self, job_id: str) -> None:
+        """Render the job's events up to its terminal one. Each entry read is deleted from the
+        console's stream (and each file from its blob), so a long session keeps nothing in Redis."""
         while True:
             resp = await self.redis.xread({self.reply_stream: self.last_id}, block=1000, count=100)
-            for _, entries in resp or []:
-                for entry_id, fields in entries:
-                    self.last_id = entry_id
-                    event = Event.loads(fields[b"event"])
-                    if event.job_id != job_id:
-                        continue
-                    self.renderer.render(event)
-                    if event.terminal:
-                        return
+            seen: list[bytes] = []
+            try:
+                for _, entries in resp or []:
+                    for entry_id, fields in entries:
+                        self.last_id = entry_id
+                        seen.append(entry_id)
+                        event = Event.loads(fields[b"event"])
+                        if event.job_id != job_id:
+                            continue
+                        data = None
+                        if event.type in ("image", "file"):
+                            data = await self.blobs.payload_bytes(event.payload)
+                        self.renderer.render(event, data)
+                        if event.terminal:
+                            return
+            finally:
+                if seen:
+                    await self.redis.xdel(self.reply_stream, *seen)
 
     def attach(self, path_text: str) -> str:
         path = Path(path_text).expanduser()
