@@ -36,7 +36,13 @@ class Settings(BaseSettings):
     conversation_ttl_s: int = Field(7 * 24 * 3600, ge=60)
     history_chars: int = Field(200_000, ge=1000, description="stored history per conversation, newest kept")
     idempotency_ttl_s: int = Field(24 * 3600, ge=60)
-    stream_maxlen: int = Field(100_000, ge=1000)
+    stream_maxlen: int = Field(100_000, ge=1000, description="approximate cap on entries kept in a reply stream")
+    turn_wait_s: float = Field(600.0, gt=0, description="a job whose predecessor in its thread neither runs "
+                               "nor finishes for this long skips it (dead-lettered with the reason)")
+    blob_ttl_s: int = Field(3600, ge=60, description="files a job made wait this long for an adapter to show them")
+    blob_job_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="bytes of files one job may hand back")
+    redis_shed_ratio: float = Field(0.9, gt=0, le=1.0, description="share of Redis's maxmemory at which workers "
+                                    "refuse new jobs and files")
 
     # --- model -----------------------------------------------------------------------------
     llm_backend: Literal["tgi", "transformers"] | None = None  # default: tgi if llm_url else transformers
@@ -88,6 +94,8 @@ class Settings(BaseSettings):
     rate_user_per_min: int = Field(20, ge=0, description="requests a user may start per minute (burst = this)")
     rate_channel_per_min: int = Field(60, ge=0, description="requests a channel may start per minute")
     worker_user_concurrency: int = Field(2, ge=1, description="one user's jobs running at once in a worker")
+    user_pending_max: int = Field(6, ge=0, description="one user's jobs queued or running at once, checked "
+                                  "when an adapter enqueues")
 
     # --- Slack ------------------------------------------------------------------------------
     slack_bot_token: SecretStr | None = None
