@@ -105,6 +105,12 @@ class SlackAdapter:
         if inbound is None:
             return
         result = await self._submit(inbound.job) if inbound.job is not None else None
+        if result is not None and result.refused is not None:
+            # Over a limit: no status message, no job. One ephemeral "slow down" per window.
+            if result.refused.notify:
+                self.spawn(self.renderer.notify(inbound.where, inbound.user, [result.refused.user_message()],
+                                                ephemeral=True))
+            return
         if inbound.job is not None and result is not None and result.created:
             if inbound.where.thread_ts is not None and not is_dm(event):
                 # Follow-ups in this thread now reach us without a mention. After the ack: a person
@@ -129,10 +135,11 @@ class SlackAdapter:
 
     # --- helpers --------------------------------------------------------------------------------------
     async def _submit(self, job: Job) -> EnqueueResult:
-        # concurrent acks' enqueues share a round trip (JobQueue's scripts are auto-pipelined)
-        result = await self.queue.enqueue(job)
+        # concurrent acks' enqueues share a round trip (JobQueue's scripts are auto-pipelined); the
+        # user's limits are checked in that same script, before anything is posted
+        result = await self.queue.enqueue(job, limits=True)
         log.info("slack %s job %s for %s (%s)", job.kind, result.job_id, job.conversation.key,
-                 "new" if result.created else "duplicate")
+                 f"refused: {result.refused.kind}" if result.refused else "new" if result.created else "duplicate")
         return result
 
     async def _notices(self, inbound: Inbound, event_id: str, result: EnqueueResult | None) -> None:
