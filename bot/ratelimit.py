@@ -9,8 +9,8 @@ Three controls, because they answer different abuses:
 * A per-user pending cap (``user_pending_max``): the user's jobs queued or running anywhere,
   kept as a sorted set of job ids with a lease each (``active:<platform>:<workspace>:<user>``);
   the queue's finish removes a job, the lease covers a finish that never comes.
-* ``UserSlots``: at most ``cap`` running jobs per user in a worker. Jobs over the cap wait
-  without holding one of the worker's slots.
+* ``FairSlots``: the worker's slots, at most ``worker_user_concurrency`` per user, each free slot
+  going to the waiting job whose user runs the fewest. Jobs over the cap wait without a slot.
 
 The adapters check the first two when they enqueue (``Admission``: folded into the queue's
 enqueue script, so a refused request costs one round trip and nothing else: no stream entry, no
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,7 @@ from bot.errors import RateLimited, Refused, TooManyPending
 from bot.jobs import Job
 from bot.settings import Settings
 
-__all__ = ["Admission", "RateLimited", "RateLimiter", "UserSlots", "user_key"]
+__all__ = ["Admission", "FairSlots", "RateLimited", "RateLimiter", "user_key"]
 
 #: one "slow down" notice per user per this many seconds; later refusals in the window are silent
 NOTICE_WINDOW_S = 60
@@ -204,36 +205,76 @@ def user_key(job: Job) -> str:
     return f"{conv.platform}/{conv.workspace}/{job.user}"
 
 
-class UserSlots:
-    """A per-user semaphore that forgets users with nothing running or waiting (no growth over
-    millions of users). ``waiting`` counts jobs parked on a cap; the worker doesn't count those
-    against its intake, or one user's backlog would stop it reading anyone else's jobs."""
+class FairSlots:
+    """The worker's job slots, handed out fairly. A job takes a slot only while its user holds
+    fewer than ``per_user`` here, and the last ``HEADROOM`` of the slots only if its user has
+    nothing running here; when a slot frees, it goes to the waiting job whose user has the fewest
+    running (first come, first served among equals). So a quiet user's question finds a slot at
+    once, or takes the next one to free, instead of queueing behind the backlog of users who
+    already have jobs running. Users with nothing running or waiting are forgotten."""
 
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.waiting = 0
-        self._slots: dict[str, tuple[asyncio.Semaphore, int]] = {}
+    #: share of the slots kept for users with nothing running here
+    HEADROOM = 0.25
+
+    def __init__(self, total: int, per_user: int) -> None:
+        self.total = total
+        self.per_user = per_user
+        self.reserve = int(total * self.HEADROOM)
+        self.free = total
+        self.running: dict[str, int] = {}
+        self._waiters: list[tuple[int, str, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    @property
+    def capped(self) -> int:
+        """Jobs waiting because their user is at its cap: the worker doesn't count them against
+        intake, or one user's backlog would stop it reading anyone else's jobs."""
+        return sum(1 for _, user, _ in self._waiters if self.running.get(user, 0) >= self.per_user)
+
+    def _may_take(self, user: str) -> bool:
+        running = self.running.get(user, 0)
+        return running < self.per_user and self.free > (self.reserve if running else 0)
 
     @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        sem, users = self._slots.get(key) or (asyncio.Semaphore(self.cap), 0)
-        self._slots[key] = (sem, users + 1)
-        try:
-            if sem.locked():
-                self.waiting += 1
-                try:
-                    await sem.acquire()
-                finally:
-                    self.waiting -= 1
-            else:
-                await sem.acquire()
+    async def hold(self, user: str) -> AsyncIterator[None]:
+        if self._may_take(user):
+            self._take(user)  # no waiter could take a free slot (``_dispatch`` ran), so none is passed over
+        else:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            entry = (next(self._order), user, future)
+            self._waiters.append(entry)
             try:
-                yield
-            finally:
-                sem.release()
+                await future
+            except BaseException:
+                if entry in self._waiters:
+                    self._waiters.remove(entry)
+                elif future.done() and not future.cancelled():
+                    self._give_back(user)  # granted as we were cancelled
+                raise
+        try:
+            yield
         finally:
-            sem, users = self._slots[key]
-            if users <= 1:
-                del self._slots[key]
-            else:
-                self._slots[key] = (sem, users - 1)
+            self._give_back(user)
+
+    def _take(self, user: str) -> None:
+        self.free -= 1
+        self.running[user] = self.running.get(user, 0) + 1
+
+    def _give_back(self, user: str) -> None:
+        self.free += 1
+        left = self.running[user] - 1
+        if left:
+            self.running[user] = left
+        else:
+            del self.running[user]
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self.free > 0:
+            eligible = [w for w in self._waiters if self._may_take(w[1])]
+            if not eligible:
+                return
+            best = min(eligible, key=lambda w: (self.running.get(w[1], 0), w[0]))
+            self._waiters.remove(best)
+            self._take(best[1])
+            best[2].set_result(None)

@@ -38,7 +38,7 @@ from bot.llm import make_client
 from bot.llm.base import ModelClient
 from bot.ordering import Signals, StuckTurn
 from bot.queue import Delivery, JobQueue
-from bot.ratelimit import RateLimiter, UserSlots, user_key
+from bot.ratelimit import FairSlots, RateLimiter, user_key
 from bot.settings import Settings
 from bot.store import ConversationStore
 
@@ -69,9 +69,8 @@ class Worker:
         self.store = ConversationStore(self.redis, settings)
         self.model = model
         self.sandboxes = sandboxes
-        self.slots = asyncio.Semaphore(settings.worker_concurrency)
+        self.slots = FairSlots(settings.worker_concurrency, settings.worker_user_concurrency)
         self.limiter = RateLimiter(self.redis, settings)
-        self.user_slots = UserSlots(settings.worker_user_concurrency)
         self.held: dict[str, JobRun | None] = {}  # entry id -> run (None while parked/waiting)
         self.running: dict[str, JobRun] = {}  # conversation key -> run
         #: conversation key -> seqs of its jobs this worker holds (read and not yet finished)
@@ -133,7 +132,7 @@ class Worker:
             # Jobs parked behind their thread's job here, or on their user's cap, don't count, or one
             # user's backlog would stop intake for everyone; admission at enqueue bounds them, and the
             # hard cap bounds the rest (memory).
-            free = min(limit - (len(self.held) - self.user_slots.waiting - self.parked_count),
+            free = min(limit - (len(self.held) - self.slots.capped - self.parked_count),
                        limit * PARKED_PER_INTAKE - len(self.held))
             if free <= 0:
                 await asyncio.sleep(0.01)
@@ -245,7 +244,7 @@ class Worker:
             return  # finished before a crash hid its ack; begin acked it
         try:
             if await run.admit(self.limiter, self.memory):
-                async with self.user_slots.hold(user_key(job)), self.slots:
+                async with self.slots.hold(user_key(job)):
                     self.held[delivery.entry_id] = run
                     self.running[job.conversation.key] = run
                     token = metrics.log_context.set({"job": job.id, "conversation": job.conversation.key})

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from bot.errors import TooManyPending
 from bot.jobs import Conversation, Event, Job
 from bot.queue import JobQueue
-from bot.ratelimit import RateLimited, RateLimiter
+from bot.ratelimit import FairSlots, RateLimited, RateLimiter
 from tests.adapters.slack.conftest import (  # noqa: F401  (the Slack rig's fixtures, used by name)
     event_body,
     fake_slack,
@@ -218,3 +218,38 @@ async def test_slack_mentions_over_the_limit_get_no_status_and_one_ephemeral_not
     assert sorted(c["thread_ts"] for c in statuses) == sorted(e["ts"] for e in events[:3])
     [notice] = rig.fake.calls_to("chat.postEphemeral")
     assert notice["user"] == "U0USER" and "faster than 3 per minute" in notice["text"]
+
+
+async def test_a_free_slot_goes_to_the_user_running_the_fewest_jobs() -> None:
+    """Two slots, both taken by a heavy user whose next jobs wait; a light user who asks later gets
+    the first slot that frees. A user never holds more than its cap; cancelled waiters leave no trace."""
+    slots = FairSlots(total=2, per_user=2)
+    order: list[str] = []
+    release: dict[str, asyncio.Event] = {}
+
+    async def run(user: str, name: str) -> None:
+        release[name] = asyncio.Event()
+        async with slots.hold(user):
+            order.append(name)
+            await release[name].wait()
+
+    tasks = [asyncio.create_task(run("heavy", f"h{i}")) for i in range(4)]
+    await asyncio.sleep(0)
+    light = asyncio.create_task(run("light", "l0"))
+    cancelled = asyncio.create_task(run("other", "gone"))
+    await asyncio.sleep(0)
+    assert order == ["h0", "h1"] and slots.capped == 2  # h2, h3 wait on the heavy user's cap
+    cancelled.cancel()
+    await asyncio.gather(cancelled, return_exceptions=True)
+    release["h0"].set()
+    while len(order) < 3:
+        await asyncio.sleep(0)
+    assert order == ["h0", "h1", "l0"]  # not h2, who waited longer
+    release["h1"].set()
+    release["l0"].set()
+    while len(order) < 5:
+        await asyncio.sleep(0)
+    release["h2"].set()
+    release["h3"].set()
+    await asyncio.gather(*tasks, light)
+    assert order == ["h0", "h1", "l0", "h2", "h3"] and slots.free == 2 and not slots.running
