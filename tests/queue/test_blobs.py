@@ -219,3 +219,16 @@ async def finals(redis: aioredis.Redis, stream: str, count: int, within_s: float
         if len(done) >= count or time.monotonic() > deadline:
             return done
         await asyncio.sleep(0.05)
+
+
+def test_deployed_redis_has_a_memory_cap_and_never_evicts() -> None:
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]["redis"]["command"]
+    [k8s] = [d for d in yaml.safe_load_all((root / "deploy/k8s/redis.yaml").read_text())
+             if d and d["kind"] == "StatefulSet"]
+    k8s_args = k8s["spec"]["template"]["spec"]["containers"][0]["args"]
+    for args in (compose, k8s_args):
+        assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+        assert args[args.index("--maxmemory") + 1] in ("${DEPLOY_REDIS_MAXMEMORY:-1gb}", "1gb")
