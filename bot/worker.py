@@ -214,8 +214,8 @@ class Worker:
                 self.inflight[key].discard(job.seq)
                 if not self.inflight[key]:
                     del self.inflight[key]
-                if not self.stopping.is_set():
-                    self._unpark(key)
+                    if not self.stopping.is_set():
+                        self._unpark(key)
 
     async def _process(self, delivery: Delivery) -> None:
         job = delivery.job
