@@ -169,7 +169,6 @@ async def test_a_quiet_user_is_answered_while_another_floods_one_thread(
     while "flood 2" not in started and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert "flood 2" in started and quiet[0] <= started["flood 2"], "the quiet user waited behind the flood"
-    assert worker.parked_count <= 10  # the flood waits parked, one job of it in flight
 
 
 async def test_limits_are_checked_at_enqueue_once_and_the_worker_does_not_charge_again(
