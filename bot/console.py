@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 from bot import metrics, redis_conn
+from bot.blobs import BlobStore, missing_note
 from bot.errors import InputRejected
 from bot.jobs import Attachment, Conversation, Event, Job
 from bot.notebook import NotebookRecorder, dumps
@@ -48,7 +49,8 @@ class ConsoleRenderer:
             self.in_delta = False
         print(text, flush=True)
 
-    def render(self, event: Event) -> None:
+    def render(self, event: Event, data: bytes | None = None) -> None:
+        """``data``: the bytes of an image/file event (taken from its blob by the caller)."""
         p = event.payload
         if event.type == "delta":
             if not self.in_delta:
@@ -63,8 +65,11 @@ class ConsoleRenderer:
             text = p.get("text") or "(no output)"
             self._line("[output]\n" + text)
         elif event.type in ("image", "file"):
+            if data is None:
+                self._line(f"[{event.type}] {missing_note(p)}")
+                return
             try:
-                path = self._save(event.conversation.thread, str(p.get("name", event.type)), p.get("data_b64", ""))
+                path = self._save(event.conversation.thread, str(p.get("name", event.type)), data)
             except (InputRejected, OSError, ValueError) as exc:
                 self._line(f"[{event.type}] not saved: {exc}")
             else:
@@ -75,7 +80,7 @@ class ConsoleRenderer:
         elif event.type == "error":
             self._line(f"[error] {p.get('message', '')}")
 
-    def _save(self, thread: str, name: str, data_b64: str) -> Path:
+    def _save(self, thread: str, name: str, data: bytes) -> Path:
         """Write under ``out_dir/<thread>/`` only: names come from the sandbox, so each is reduced to
         a plain basename, checked to stay in the folder, and opened without following a link."""
         folder = (self.out_dir / safe_filename(thread)).resolve()
@@ -85,7 +90,7 @@ class ConsoleRenderer:
             raise InputRejected(f"refused to save {name!r} outside {folder}")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(base64.b64decode(data_b64))
+            fh.write(data)
         return path
 
 
@@ -100,6 +105,7 @@ class Console:
         self.renderer = ConsoleRenderer(out_dir, interactive)
         self.out_dir = out_dir
         self.notebook = NotebookRecorder(title=self.conversation.thread)
+        self.blobs = BlobStore(self.redis, settings)
         self.interactive = interactive
         self.pending_files: list[Attachment] = []
         self.last_id = "0"
@@ -118,18 +124,29 @@ class Console:
         await self._follow(job.id)
 
     async def _follow(self, job_id: str) -> None:
+        """Render the job's events up to its terminal one. Each entry read is deleted from the
+        console's stream (and each file from its blob), so a long session keeps nothing in Redis."""
         while True:
             resp = await self.redis.xread({self.reply_stream: self.last_id}, block=1000, count=100)
-            for _, entries in resp or []:
-                for entry_id, fields in entries:
-                    self.last_id = entry_id
-                    event = Event.loads(fields[b"event"])
-                    if event.job_id != job_id:
-                        continue
-                    self.renderer.render(event)
-                    self.notebook.event(event)
-                    if event.terminal:
-                        return
+            seen: list[bytes] = []
+            try:
+                for _, entries in resp or []:
+                    for entry_id, fields in entries:
+                        self.last_id = entry_id
+                        seen.append(entry_id)
+                        event = Event.loads(fields[b"event"])
+                        if event.job_id != job_id:
+                            continue
+                        data = None
+                        if event.type in ("image", "file"):
+                            data = await self.blobs.payload_bytes(event.payload)
+                        self.renderer.render(event, data)
+                        self.notebook.event(event, data)
+                        if event.terminal:
+                            return
+            finally:
+                if seen:
+                    await self.redis.xdel(self.reply_stream, *seen)
 
     def attach(self, path_text: str) -> str:
         path = Path(path_text).expanduser()

@@ -3,7 +3,12 @@
     CodeloopError                      root: everything codeloop raises on purpose
     ├── ConfigError                    a setting is missing or invalid (names it)
     ├── QueueError                     Redis stream / lock problems
-    │   └── PoisonJob                  an entry that can never be processed (bad JSON, schema)
+    │   ├── PoisonJob                  an entry that can never be processed (bad JSON, schema)
+    │   └── JobLost                    a job's entry vanished from the stream, or its turn never came
+    ├── Refused                        a limit turned a request away before it ran (says when to retry)
+    │   ├── RateLimited                a user's or channel's token bucket is empty (bot/ratelimit.py)
+    │   ├── TooManyPending             the user already has the most requests queued or running
+    │   └── ServiceBusy                Redis is close to its maxmemory: new jobs are shed
     ├── ModelError                     the model backend failed
     │   └── ModelOverloaded            429/503 that persisted through the retries
     ├── SandboxError                   the Docker sandbox failed (not the user's code)
@@ -27,6 +32,7 @@ else, for classes whose messages are written for users (InputRejected…), the d
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 
@@ -59,6 +65,56 @@ class QueueError(CodeloopError):
 class PoisonJob(QueueError):
     kind = "poison"
     generic = "This request could not be read, so it was not run. Please send it again."
+
+
+class JobLost(QueueError):
+    kind = "lost"
+    generic = "This message was lost before it could run, so it was skipped. Please send it again."
+
+
+class Refused(CodeloopError):
+    """A limit refused a request before it ran; ``retry_after_s`` says when trying again may work."""
+
+    kind = "refused"
+
+    def __init__(self, *args: object, retry_after_s: float = 0.0, for_user: str | None = None) -> None:
+        super().__init__(*args, for_user=for_user)
+        self.retry_after_s = retry_after_s
+
+
+class RateLimited(Refused):
+    """A user or channel sent more requests than its limit allows; says when to try again."""
+
+    kind = "rate_limited"
+
+    def __init__(self, scope: str, limit: int, retry_after_s: float) -> None:
+        self.scope = scope
+        self.limit = limit
+        wait = max(1, math.ceil(retry_after_s))
+        if scope == "reset":
+            text = f"You're resetting sessions faster than {limit} per minute; try again in {wait}s. Nothing was reset."
+        else:
+            who = "You're" if scope == "user" else "This channel is"
+            text = (f"{who} sending requests faster than {limit} per minute; try again in {wait}s. "
+                    "This request was not run.")
+        super().__init__(text, retry_after_s=retry_after_s)
+
+
+class TooManyPending(Refused):
+    kind = "too_many_pending"
+
+    def __init__(self, limit: int, retry_after_s: float = 0.0) -> None:
+        self.limit = limit
+        plural = "request" if limit == 1 else "requests"
+        super().__init__(f"You already have {limit} {plural} waiting or running, the most allowed at once. "
+                         "Wait for one to finish, then send this again. This request was not run.",
+                         retry_after_s=retry_after_s)
+
+
+class ServiceBusy(Refused):
+    kind = "shed"
+    generic = ("The service is short of storage right now, so this request was not run. "
+               "Please try again in a few minutes.")
 
 
 class ModelError(CodeloopError):

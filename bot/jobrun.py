@@ -2,7 +2,8 @@
 
 The worker begins a job with ``JobQueue.begin`` (its turn, the conversation lock, the saved state)
 and every way a job ends goes through ``JobRun.finish``: the events still unsent, the terminal
-event, the new state, the ack and the lock's release in one script.
+event, the new state, the ack and the lock's release in one script. Images and files the code
+makes go to blob keys before their events are published (``bot.blobs``): events carry names.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from bot import metrics
 from bot.adapters.common import InputLimits, Upload, check_upload
 from bot.agent.loop import Turn
 from bot.agent.prompts import SYSTEM_PROMPT, files_note
+from bot.blobs import BlobStore, JobBlobs, MemoryGuard
 from bot.downloads import DownloadPolicy
-from bot.errors import CodeloopError, InputRejected, JobCancelled
+from bot.errors import CodeloopError, InputRejected, JobCancelled, Refused, ServiceBusy
 from bot.jobs import Event, Job
 from bot.llm.base import GenerationParams, ModelClient
 from bot.outbox import Outbox
 from bot.queue import Delivery, JobQueue
-from bot.ratelimit import RateLimited, RateLimiter
+from bot.ratelimit import RateLimiter
 from bot.sandbox_link import ThreadSandbox
 from bot.settings import Settings
 from bot.store import ConversationState, ConversationStore, trim_history
@@ -40,7 +42,8 @@ class JobRun:
     """State of one job while a worker holds it. ``stop()`` is what the Stop button calls."""
 
     def __init__(self, delivery: Delivery, queue: JobQueue, store: ConversationStore, model: ModelClient,
-                 sandboxes: SandboxManager, settings: Settings, http: aiohttp.ClientSession) -> None:
+                 sandboxes: SandboxManager, settings: Settings, http: aiohttp.ClientSession, *,
+                 blobs: BlobStore | None = None, memory: MemoryGuard | None = None) -> None:
         assert delivery.job is not None
         self.delivery = delivery
         self.job: Job = delivery.job
@@ -52,6 +55,7 @@ class JobRun:
         self.http = http
         self.seq = 0
         self.outbox = Outbox(queue, self.job.reply_stream)
+        self.files = JobBlobs(blobs or BlobStore(queue.redis, settings), memory, self.job.id)
         #: the conversation as ``begin`` found it, and the lock token ``begin`` took
         self.state = ConversationState()
         self.token = ""
@@ -65,6 +69,9 @@ class JobRun:
                      payload=payload, meta=self.job.meta)
 
     async def emit(self, type_: str, payload: dict[str, Any]) -> None:
+        if type_ in ("image", "file") and "data_b64" in payload:
+            # the bytes go to a blob key first; the event, published after it, carries the key
+            payload = await self.files.stash(payload)
         self.outbox.put(self.event(type_, payload))
 
     async def finish(self, final: Event, state_mode: str = "keep") -> None:
@@ -83,15 +90,19 @@ class JobRun:
                 self.sandbox.cancelled.set()
             self.task.cancel()
 
-    async def admit(self, limiter: RateLimiter) -> bool:
-        """Charge a message to its user's and channel's rate limits before it takes any slot; one
-        over a limit ends here with an error event that says when to try again. A redelivered job
-        was charged on its first delivery."""
-        if self.job.kind != "message" or self.delivery.deliveries > 1:
+    async def admit(self, limiter: RateLimiter, memory: MemoryGuard | None = None) -> bool:
+        """Before a message takes any slot: shed it while Redis is near its maxmemory, and charge
+        it to its user's and channel's rate limits unless the adapter's admission at enqueue did
+        (the backstop for the console and older adapters; a redelivered job was charged on its
+        first delivery). A refused job ends here with an error event that says what to do."""
+        if self.job.kind != "message":
             return True
         try:
-            await limiter.take(self.job)
-        except RateLimited as exc:
+            if memory is not None and memory.shedding:
+                raise ServiceBusy("Redis is past its shed line")
+            if self.delivery.deliveries == 1 and not self.delivery.admitted:
+                await limiter.take(self.job)
+        except Refused as exc:
             metrics.ERRORS.labels(exc.kind).inc()
             metrics.JOBS.labels(exc.kind).inc()
             await self.finish(self.event("error", {

@@ -43,7 +43,9 @@ class NotebookRecorder:
         if text.strip():
             self.cells.append(v4.new_markdown_cell(f"**User:** {text.strip()}"))
 
-    def event(self, event: Event) -> None:
+    def event(self, event: Event, data: bytes | None = None) -> None:
+        """Record one reply event; ``data``: the bytes of an image event whose payload carries a
+        blob reference instead of inline base64 (``bot.blobs``)."""
         p = event.payload
         if event.type == "delta":
             self._text.setdefault(event.job_id, []).append(str(p.get("text", "")))
@@ -56,9 +58,9 @@ class NotebookRecorder:
             self._cell.outputs.extend(_outputs(p))
         elif event.type == "image" and self._cell is not None:
             mime = str(p.get("mime", "image/png"))
-            data = str(p.get("data_b64", ""))
-            if mime in IMAGE_MIMES and _is_base64(data):
-                self._cell.outputs.append(v4.new_output("display_data", data={mime: data, "text/plain": "<Figure>"}))
+            b64 = base64.b64encode(data).decode() if data is not None else str(p.get("data_b64", ""))
+            if mime in IMAGE_MIMES and _is_base64(b64):
+                self._cell.outputs.append(v4.new_output("display_data", data={mime: b64, "text/plain": "<Figure>"}))
         elif event.type == "final":
             if not self._flush_text(event.job_id) and str(p.get("text", "")).strip():
                 self.cells.append(v4.new_markdown_cell(f"**Assistant:** {str(p['text']).strip()}"))

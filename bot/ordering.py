@@ -4,7 +4,10 @@ One pub/sub connection per worker. A job waits until every earlier job of its co
 finished: a job finished by this worker wakes the next one directly (``advance``), one finished
 elsewhere through pub/sub (published only for jobs that found themselves early and said so in
 Redis, see ``conv:<key>:waiting``), and a poll backing off to a few seconds covers lost messages
-(pub/sub is fire-and-forget, e.g. across a Redis restart).
+(pub/sub is fire-and-forget, e.g. across a Redis restart). A waiter never waits forever: jobs
+ahead of it whose entries are gone are skipped by the turn check itself, and one that neither
+runs nor finishes for ``turn_wait_s`` is skipped by the waiter (``StuckTurn``,
+``JobQueue.skip_stuck``); either is dead-lettered with the reason and its user told.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
@@ -27,6 +31,28 @@ log = logging.getLogger(__name__)
 #: backlog of waiting jobs must not turn into a stream of re-checks
 POLL_S = 0.5
 POLL_MAX_S = 4.0
+
+
+class StuckTurn:
+    """When a waiter gives up on the job ahead of it: the conversation's ``done`` counter has not
+    moved, and nothing has held its lock, for ``limit_s`` (a running job holds the lock, and its
+    own timeouts bound it; a dead worker's job is reclaimed well within the limit)."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self.done: int | None = None
+        self.since = time.monotonic()
+
+    @property
+    def waited_s(self) -> float:
+        return time.monotonic() - self.since
+
+    def expired(self, done: int, lock_ms: int) -> bool:
+        """``lock_ms``: the lock's PTTL (-2: nobody holds it)."""
+        if done != self.done or lock_ms != -2:
+            self.done, self.since = done, time.monotonic()
+            return False
+        return self.waited_s >= self.limit_s
 
 
 class Signals:
@@ -101,11 +127,15 @@ class Signals:
                 await wake.wait()
         wake.clear()
 
-    async def wait_turn(self, job: Job) -> None:
-        """Return once the job before this one in its conversation has finished."""
+    async def wait_turn(self, job: Job, limit_s: float) -> None:
+        """Return once the job before this one in its conversation has finished (or was skipped)."""
+        stuck = StuckTurn(limit_s)
         with self.waiter(job.conversation.key, job.seq) as wake:
             for tries in itertools.count():
                 wake.clear()
-                if await self.queue.turn(job) >= job.seq - 1:
+                done, lock_ms = await self.queue.turn(job)
+                if done >= job.seq - 1:
                     return
+                if stuck.expired(done, lock_ms) and await self.queue.skip_stuck(job, done, stuck.waited_s):
+                    continue
                 await self.sleep(wake, tries)

@@ -2,9 +2,12 @@
 
 Each adapter kind has one reply stream (``<prefix>:replies:<adapter>``) read through a consumer
 group, so a restarted adapter resumes where it left off and replicas share the work. Before an
-event is rendered, ``rendered:<job>:<seq>`` is claimed once (``redis_conn.claim_once``: a SET NX
-that recognises its own resend after a Redis restart); a terminal event is claimed once per job,
-so a job re-run after a worker died never shows two final replies.
+event is rendered, its field in ``rendered:<job>`` (a hash: the seq, or ``terminal``) is claimed
+once (HSETNX with a token, so a resend after a Redis restart is recognised as our own); a terminal
+event is claimed once per job, so a job re-run after a worker died never shows two final replies.
+An entry is deleted with its ack (XACK + XDEL, one round trip): a rendered job leaves its claims
+behind (a few bytes an event, for ``idempotency_ttl_s``) and nothing else. The stream has one
+consumer group, the adapter's, so no other reader still needs an entry it deleted.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ import asyncio
 import logging
 import os
 import socket
+import uuid
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from bot.autopipe import AutoPipeline, LuaScript
+from bot.errors import QueueError
 from bot.jobs import Event
-from bot.redis_conn import claim_once
+from bot.redis_conn import run_replicated
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,6 +34,16 @@ Handler = Callable[[Event], Awaitable[None]]
 PENDING_CHECK_S = 2.0  # how often a reader re-reads entries delivered to it but not acked
 ORPHAN_CHECK_S = 30.0
 ORPHAN_IDLE_S = 60.0  # an entry pending this long belongs to a replica that died
+
+
+# KEYS: rendered:<job>   ARGV: field, token, ttl   -> 1 the first time (or our own resend), else 0
+_CLAIM = LuaScript("""
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
+return redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] and 1 or 0
+""")
 
 
 def reply_stream(settings: Settings, adapter: str) -> str:
@@ -41,6 +57,7 @@ class ReplyReader:
         self.stream = reply_stream(settings, adapter)
         self.group = adapter
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.scripts = AutoPipeline(redis)
 
     async def ensure_group(self) -> None:
         try:
@@ -52,9 +69,18 @@ class ReplyReader:
     async def claim(self, event: Event) -> bool:
         """True the first time this (job, seq) — or this job's terminal event — is seen."""
         slot = "terminal" if event.terminal else str(event.seq)
-        key = self.settings.key("rendered", event.job_id, slot)
-        return await claim_once(self.redis, key, self.settings.idempotency_ttl_s,
-                                replicas=self.settings.redis_min_replicas, wait_ms=self.settings.redis_replica_wait_ms)
+        key = self.settings.key("rendered", event.job_id)
+        token = uuid.uuid4().hex[:16]
+        args = [slot, token, self.settings.idempotency_ttl_s]
+        if self.settings.redis_min_replicas:
+            # On the replicas before it is answered: a master that dies right after a reply was
+            # shown cannot take the claim with it, so the job's re-run is not shown twice.
+            try:
+                return bool(await run_replicated(self.redis, self.settings, _CLAIM, [key], args,
+                                                 touch=key, ttl_s=self.settings.idempotency_ttl_s))
+            except QueueError as exc:  # the claim stands on the master alone; rendering goes on
+                log.warning("reply claim %s: %s", key, exc)
+        return bool(await self.scripts.run(_CLAIM, [key], args))
 
     async def run(self, handler: Handler, stop: asyncio.Event | None = None, block_ms: int = 1000) -> None:
         """Render events until ``stop`` is set. Our own pending entries (from a crash) go first, and
@@ -92,6 +118,12 @@ class ReplyReader:
         for entry_id, fields in (resp[1] if resp else []):
             await self._handle(entry_id, fields, handler)
 
+    async def _done(self, entry_id: bytes | str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self.stream, self.group, entry_id)
+            pipe.xdel(self.stream, entry_id)
+            await pipe.execute()
+
     async def _handle(self, entry_id: bytes | str, fields: dict[bytes, bytes] | None, handler: Handler) -> None:
         if not fields:  # trimmed away while pending
             await self.redis.xack(self.stream, self.group, entry_id)
@@ -108,4 +140,4 @@ class ReplyReader:
             except Exception:
                 # A rendering failure must not wedge the stream; the platform layer already retried.
                 log.exception("rendering %s #%d (%s) failed", event.job_id, event.seq, event.type)
-        await self.redis.xack(self.stream, self.group, entry_id)
+        await self._done(entry_id)

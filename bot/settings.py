@@ -46,7 +46,6 @@ class Settings(BaseSettings):
     conversation_ttl_s: int = Field(7 * 24 * 3600, ge=60)
     history_chars: int = Field(200_000, ge=1000, description="stored history per conversation, newest kept")
     idempotency_ttl_s: int = Field(24 * 3600, ge=60)
-    stream_maxlen: int = Field(100_000, ge=1000)
     #: Redis behind Sentinel (docs/DEPLOY.md "Redis high availability"): with sentinels set, the
     #: master is asked of them and CODELOOP_REDIS_URL gives only credentials, db and TLS (rediss://)
     redis_sentinels: CSV = Field(default_factory=list, description="sentinels as host:port,host:port")
@@ -56,6 +55,13 @@ class Settings(BaseSettings):
     redis_sentinel_tls_ca: str | None = Field(None, description="CA file for TLS to the sentinels")
     redis_min_replicas: int = Field(0, ge=0, le=16, description="replicas an enqueue must reach before its ack")
     redis_replica_wait_ms: int = Field(1000, ge=10, description="how long an enqueue waits for those replicas")
+    stream_maxlen: int = Field(100_000, ge=1000, description="approximate cap on entries kept in a reply stream")
+    turn_wait_s: float = Field(600.0, gt=0, description="a job whose predecessor in its thread neither runs "
+                               "nor finishes for this long skips it (dead-lettered with the reason)")
+    blob_ttl_s: int = Field(3600, ge=60, description="files a job made wait this long for an adapter to show them")
+    blob_job_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="bytes of files one job may hand back")
+    redis_shed_ratio: float = Field(0.9, gt=0, le=1.0, description="share of Redis's maxmemory at which workers "
+                                    "refuse new jobs and files")
 
     # --- model -----------------------------------------------------------------------------
     llm_backend: Literal["tgi", "transformers"] | None = None  # default: tgi if llm_url else transformers
@@ -125,6 +131,8 @@ class Settings(BaseSettings):
     rate_channel_per_min: int = Field(60, ge=0, description="requests a channel may start per minute")
     worker_user_concurrency: int = Field(2, ge=1, description="one user's jobs running at once in a worker")
     rate_reset_per_min: int = Field(3, ge=0, description="resets one user may ask for per minute")
+    user_pending_max: int = Field(6, ge=0, description="one user's jobs queued or running at once, checked "
+                                  "when an adapter enqueues")
 
     # --- Slack ------------------------------------------------------------------------------
     slack_bot_token: SecretStr | None = None

@@ -1,16 +1,21 @@
 """``codeloop worker``: consume jobs, run the agent, publish replies.
 
 Many workers (on many hosts) share one consumer group. Each holds up to ``worker_concurrency``
-running jobs; jobs waiting for their conversation's turn don't take a slot. A heartbeat keeps
-held entries fresh and renews conversation locks; entries of a dead worker are reclaimed after
-``claim_idle_s`` and dead-lettered after ``max_deliveries``. SIGTERM stops intake, lets running
-jobs finish for a grace period, then releases the rest for another worker.
+running jobs, and at most one job per conversation in flight: a later job of a thread that has
+one here is parked (a Delivery in memory, no task) until that one finishes, and parked jobs
+don't count against intake, so one thread's backlog never keeps the worker from reading
+everyone else's jobs. A heartbeat keeps held entries fresh and renews conversation locks;
+entries of a dead worker are reclaimed after ``claim_idle_s`` and dead-lettered after
+``max_deliveries``. While Redis is near its ``maxmemory`` (``bot.blobs.MemoryGuard``) new jobs
+end at once with a message. SIGTERM stops intake, lets running jobs finish for a grace period,
+then releases the rest for another worker.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import logging
 import os
@@ -26,13 +31,14 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from bot import metrics, redis_conn
+from bot.blobs import BlobStore, MemoryGuard
 from bot.jobrun import JobRun
 from bot.jobs import Event
 from bot.llm import make_client
 from bot.llm.base import ModelClient
-from bot.ordering import Signals
+from bot.ordering import Signals, StuckTurn
 from bot.queue import Delivery, JobQueue
-from bot.ratelimit import RateLimiter, UserSlots, user_key
+from bot.ratelimit import FairSlots, RateLimiter, user_key
 from bot.settings import Settings
 from bot.store import ConversationStore
 
@@ -41,6 +47,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 20.0
+#: parked jobs (later jobs of threads with one in flight here) a worker holds before it stops
+#: reading, per unit of intake: a memory bound only; the adapters' admission bounds each user
+PARKED_PER_INTAKE = 16
 
 
 def _make_sandboxes(settings: Settings) -> SandboxManager:
@@ -62,17 +71,24 @@ class Worker:
         self.store = ConversationStore(self.redis, settings)
         self.model = model
         self.sandboxes = sandboxes
-        self.slots = asyncio.Semaphore(settings.worker_concurrency)
+        self.slots = FairSlots(settings.worker_concurrency, settings.worker_user_concurrency)
         self.limiter = RateLimiter(self.redis, settings)
-        self.user_slots = UserSlots(settings.worker_user_concurrency)
         self.held: dict[str, JobRun | None] = {}  # entry id -> run (None while parked/waiting)
         self.running: dict[str, JobRun] = {}  # conversation key -> run
         #: conversation key -> seqs of its jobs this worker holds (read and not yet finished)
         self.inflight: defaultdict[str, set[int]] = defaultdict(set)
+        #: conversation key -> (seq, delivery) of its later jobs, parked until the one in flight ends
+        self.parked: dict[str, list[tuple[int, Delivery]]] = {}
+        self.parked_count = 0
+        self.blobs = BlobStore(self.redis, settings)
+        self.memory = MemoryGuard(self.redis, settings.redis_shed_ratio)
         self.tasks: set[asyncio.Task[None]] = set()
         self.locks: dict[str, tuple[str, str]] = {}  # entry id -> (conversation lock key, token)
         # A dead worker's lock must lapse by the time its entry is reclaimed, hence the min().
         self._lock_ttl = min(settings.lock_ttl_s, settings.claim_idle_s)
+        # A dead worker's jobs come back after claim_idle_s (the reclaim loop runs every half of
+        # it); a turn is given up on only well after that.
+        self._turn_wait_s = max(settings.turn_wait_s, settings.claim_idle_s * 2)
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         #: called with each job's enqueue->pickup seconds (benchmarks)
@@ -90,7 +106,8 @@ class Worker:
         signals = Signals(self.redis, self.queue, self._on_cancel)
         await signals.start()
         self.signals = signals
-        background = [asyncio.create_task(c) for c in (self._heartbeat(), self._reclaim_loop())]
+        await self.memory.check()
+        background = [asyncio.create_task(c) for c in (self._heartbeat(), self._reclaim_loop(), self.memory.run())]
         async with aiohttp.ClientSession() as http:
             self.http = http
             log.info("worker %s ready (backend=%s, concurrency=%d)", self.name, self.settings.backend,
@@ -114,9 +131,11 @@ class Worker:
     async def _intake(self) -> None:
         limit = self.settings.worker_concurrency * 4  # bound on jobs held while waiting their turn
         while not self.stopping.is_set():
-            # Jobs parked on their user's cap don't count, or one user's backlog would stop intake for
-            # everyone; they passed the rate limiter, which bounds them, and the hard cap bounds the rest.
-            free = min(limit - (len(self.held) - self.user_slots.waiting), limit * 4 - len(self.held))
+            # Jobs parked behind their thread's job here, or on their user's cap, don't count, or one
+            # user's backlog would stop intake for everyone; admission at enqueue bounds them, and the
+            # hard cap bounds the rest (memory).
+            free = min(limit - (len(self.held) - self.slots.capped - self.parked_count),
+                       limit * PARKED_PER_INTAKE - len(self.held))
             if free <= 0:
                 await asyncio.sleep(0.01)
                 continue
@@ -150,11 +169,34 @@ class Worker:
             if self.pickup_observer is not None:
                 self.pickup_observer(waited)
         self.held[delivery.entry_id] = None
-        if delivery.job is not None:
-            self.inflight[delivery.job.conversation.key].add(delivery.job.seq)
+        job = delivery.job or delivery.envelope
+        if job is not None:
+            key = job.conversation.key
+            here = self.inflight.get(key)
+            if here and min(here) < job.seq:
+                # an earlier job of the thread is here: park this one until it ends (``_unpark``)
+                bisect.insort(self.parked.setdefault(key, []), (job.seq, delivery), key=lambda p: p[0])
+                self.parked_count += 1
+                return
+            self.inflight[key].add(job.seq)
+        self._start(delivery)
+
+    def _start(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._handle(delivery))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def _unpark(self, key: str) -> None:
+        """The thread's job here ended: start its next parked one."""
+        queue = self.parked.get(key)
+        if not queue:
+            return
+        seq, delivery = queue.pop(0)
+        if not queue:
+            del self.parked[key]
+        self.parked_count -= 1
+        self.inflight[key].add(seq)
+        self._start(delivery)
 
     async def _handle(self, delivery: Delivery) -> None:
         metrics.ACTIVE_JOBS.inc()
@@ -168,11 +210,14 @@ class Worker:
             self.held.pop(delivery.entry_id, None)
         finally:
             metrics.ACTIVE_JOBS.dec()
-            if delivery.job is not None:
-                key = delivery.job.conversation.key
-                self.inflight[key].discard(delivery.job.seq)
+            job = delivery.job or delivery.envelope
+            if job is not None:
+                key = job.conversation.key
+                self.inflight[key].discard(job.seq)
                 if not self.inflight[key]:
                     del self.inflight[key]
+                    if not self.stopping.is_set():
+                        self._unpark(key)
 
     async def _process(self, delivery: Delivery) -> None:
         job = delivery.job
@@ -180,7 +225,7 @@ class Worker:
             metrics.DEAD_LETTERS.labels("poison").inc()
             notice = None
             if delivery.envelope is not None:  # it holds a place in its thread: tell the user, in turn
-                await self.signals.wait_turn(delivery.envelope)
+                await self.signals.wait_turn(delivery.envelope, self._turn_wait_s)
                 notice = Event(job_id=delivery.envelope.id, conversation=delivery.envelope.conversation, seq=10_000,
                                type="error", meta=delivery.envelope.meta,
                                payload={"kind": "poison", "message": "This request could not be read "
@@ -195,12 +240,13 @@ class Worker:
             await self.queue.dead_letter(delivery, f"delivered {delivery.deliveries} times", final)
             return
         assert self.model is not None and self.sandboxes is not None
-        run = JobRun(delivery, self.queue, self.store, self.model, self.sandboxes, self.settings, self.http)
+        run = JobRun(delivery, self.queue, self.store, self.model, self.sandboxes, self.settings, self.http,
+                     blobs=self.blobs, memory=self.memory)
         if not await self._begin(run):
             return  # finished before a crash hid its ack; begin acked it
         try:
-            if await run.admit(self.limiter):
-                async with self.user_slots.hold(user_key(job)), self.slots:
+            if await run.admit(self.limiter, self.memory):
+                async with self.slots.hold(user_key(job)):
                     self.held[delivery.entry_id] = run
                     self.running[job.conversation.key] = run
                     token = metrics.log_context.set({"job": job.id, "conversation": job.conversation.key})
@@ -230,6 +276,7 @@ class Worker:
                 # An earlier job of the thread is here: its finish wakes this one (``advance``), so
                 # don't ask Redis yet (nor have a wake-up published for it).
                 await self.signals.sleep(wake)
+            stuck = StuckTurn(self._turn_wait_s)
             while True:
                 begin = await self.queue.begin(run.delivery, token, self._lock_ttl)
                 if begin.status == "done":
@@ -238,9 +285,12 @@ class Worker:
                     break
                 if begin.status == "busy":  # held by a delivery whose worker died: wait for it to lapse
                     await asyncio.sleep(min(0.05, begin.value / 1000) if begin.value > 0 else 0.05)
-                else:
-                    await self.signals.sleep(wake, waits)
-                    waits += 1
+                    continue
+                if stuck.expired(begin.value, begin.lock_ms) and await self.queue.skip_stuck(
+                        job, begin.value, stuck.waited_s):
+                    continue
+                await self.signals.sleep(wake, waits)
+                waits += 1
         run.token = token
         run.state = self.store.decode(begin.state)
         self.locks[run.delivery.entry_id] = (self.queue.conv_key(job.conversation, "lock"), token)

@@ -45,9 +45,9 @@ class Recorder(Console):
         self.events: list[Event] = []
         render = self.renderer.render
 
-        def keep(event: Event) -> None:
+        def keep(event: Event, data: bytes | None = None) -> None:
             self.events.append(event)
-            render(event)
+            render(event, data)
 
         self.renderer.render = keep  # type: ignore[method-assign]
 
@@ -68,7 +68,8 @@ async def test_failing_code_is_fed_back_and_fixed(start_worker: Any, model_serve
     assert "NameError" in outputs[0]["text"] and outputs[0]["error"]["name"] == "NameError"
     assert outputs[1]["text"].strip() == "mean 5.0" and outputs[1]["error"] is None
     images = [e for e in console.events if e.type == "image"]
-    assert len(images) == 1 and base64.b64decode(images[0].payload["data_b64"]).startswith(PNG_MAGIC)
+    # the image travelled as a blob reference, never as bytes on the reply stream
+    assert len(images) == 1 and "data_b64" not in images[0].payload and images[0].payload["blob"]
     assert console.events[-1].payload["rounds"] == 3 and console.events[-1].payload["text"] == DONE
     assert [e.seq for e in console.events] == list(range(1, len(console.events) + 1))
     # what the model saw: the traceback as an "Execution result:" turn, then the fixed output

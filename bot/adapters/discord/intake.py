@@ -36,6 +36,7 @@ from bot.adapters.ownership import Ownership, known, not_yours
 from bot.errors import CodeloopError, InputRejected
 from bot.jobs import Attachment, Conversation, Job, JobKind
 from bot.queue import JobQueue
+from bot.ratelimit import Refusal
 from bot.replies import reply_stream
 from bot.settings import Settings
 
@@ -75,6 +76,14 @@ def _start_failure(exc: Exception) -> str:
     return "something went wrong on our side; try again in a minute."
 
 
+class _Refusal(Exception):
+    """The queue's admission refused a job (carries the refusal to the place that answers)."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.user_message())
+        self.refusal = refusal
+
+
 class Intake:
     def __init__(self, client: discord.Client, settings: Settings, queue: JobQueue,
                  store: DiscordStore) -> None:
@@ -106,6 +115,18 @@ class Intake:
         return (f"You already have {limit} {runs} going, the most allowed at once. Wait for one to finish, "
                 "or press its Stop button, then try again.")
 
+    async def _admit(self, job_id: str, user_id: int, guild_id: int | None, channel_id: int | None) -> Job | None:
+        """The queue's admission for a message job (rate limits, the user's pending cap), before
+        anything is posted. The admitted probe (for ``release_admission``), or raises ``Refused``."""
+        probe = Job(id=job_id, idempotency_key="-", user=str(user_id), reply_stream=self.reply_stream,
+                    conversation=Conversation(platform="discord", workspace=str(guild_id), channel=str(channel_id),
+                                              thread="-"))
+        refused = await self.queue.admit(probe)
+        if refused is not None:
+            await self.store.release(str(user_id), job_id)
+            raise _Refusal(refused)
+        return probe
+
     # --- /code ---------------------------------------------------------------------------------
     async def code(self, interaction: discord.Interaction[Any], prompt: str,
                    file: discord.Attachment | None) -> None:
@@ -120,6 +141,13 @@ class Intake:
             problem = problem or exc.user_message()
         job_id = uuid.uuid4().hex
         problem = problem or await self._reserve(interaction.user.id, job_id)
+        admitted = None
+        if not problem:
+            try:
+                admitted = await self._admit(job_id, interaction.user.id, interaction.guild_id,
+                                             parent or interaction.channel_id)
+            except _Refusal as refusal:
+                problem = refusal.refusal.user_message()
         if problem:
             await interaction.response.send_message(problem, ephemeral=True)
             return
@@ -132,6 +160,8 @@ class Intake:
             await self._start(job, target)
         except Exception as exc:
             await self.store.release(str(interaction.user.id), job_id)
+            if admitted is not None:
+                await self.queue.release_admission(admitted)
             log.exception("/code failed to start")
             await interaction.edit_original_response(content=f"⚠️ Could not start: {_start_failure(exc)}")
 
@@ -191,10 +221,17 @@ class Intake:
         if busy:
             await message.reply(busy)
             return
+        turned_away = await self.queue.admit(job)
+        if turned_away is not None:  # one "slow down" per window; the rest of a flood is dropped quietly
+            await self.store.release(str(message.author.id), job_id)
+            if turned_away.notify:
+                await message.reply(turned_away.user_message())
+            return
         try:
             await self._start(job, message.channel, reference=message)
         except Exception:
             await self.store.release(str(message.author.id), job_id)
+            await self.queue.release_admission(job)
             raise
 
     # --- buttons (views.Controls) --------------------------------------------------------------
@@ -223,6 +260,13 @@ class Intake:
         problem = (self._place_refusal(old.conversation) or self._not_owner(interaction, old, "re-run")
                    or await self._rerun_problem(interaction, old, job))
         problem = problem or await self._reserve(interaction.user.id, new_id)
+        admitted = None
+        if not problem and job.kind == "message":
+            try:
+                admitted = await self._admit(new_id, interaction.user.id, int(old.conversation.workspace),
+                                             int(old.conversation.channel))
+            except _Refusal as refusal:  # (_admit released the reservation)
+                problem = refusal.refusal.user_message()
         if problem:
             await interaction.response.send_message(problem, ephemeral=True)
             return
@@ -237,6 +281,8 @@ class Intake:
             await self._start(job, thread)
         except Exception as exc:
             await self.store.release(str(interaction.user.id), new_id)
+            if admitted is not None:
+                await self.queue.release_admission(admitted)
             log.exception("re-run failed to start")
             await interaction.followup.send(f"⚠️ Could not re-run: {_start_failure(exc)}", ephemeral=True)
 
@@ -287,9 +333,10 @@ class Intake:
             status = await channel.send(line, view=view, reference=ref)
         job.meta["status_message_id"] = str(status.id)
         await self.store.save_job(job)
-        result = await self.queue.enqueue(job)
+        result = await self.queue.enqueue(job, admitted=True)  # message jobs passed ``admit`` already
         if not result.created:  # Discord redelivered an event we already have a job for
             await self.store.release(job.user, job.id)
+            await self.queue.release_admission(job)
             await status.delete()
         elif job.kind == "message":
             await self.ownership.started(job)  # typed stop finds it; the first request owns the thread

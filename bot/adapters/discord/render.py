@@ -14,8 +14,6 @@ the job carries on every event.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import io
 import logging
 import time
@@ -29,6 +27,7 @@ from bot.adapters.discord import format as fmt
 from bot.adapters.discord.store import DiscordStore
 from bot.adapters.discord.views import finished_view
 from bot.adapters.ownership import Ownership
+from bot.blobs import BlobStore, missing_note
 from bot.jobs import Event
 
 log = logging.getLogger(__name__)
@@ -48,6 +47,7 @@ class _Reply:
     streamed: bool = False
     dirty: bool = False  # text or status changed since the last flush
     uploads: list[fmt.Upload] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # files that could not be shown, and why
     last_edit: float = 0.0
     timer: asyncio.Task[None] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -60,6 +60,7 @@ class Renderer:
         self.store = store
         self.edit_interval_s = edit_interval_s
         self.file_limit = file_limit
+        self.blobs = BlobStore(store.redis, store.settings)
         self._replies: dict[str, _Reply] = {}
         #: told when a job ends, so typed ``stop`` no longer finds it
         self.ownership = Ownership(store.redis, store.settings)
@@ -78,9 +79,14 @@ class Renderer:
             reply.dirty = True
             await self._schedule(reply)
         elif event.type in ("image", "file"):
-            upload = _decode(payload)
-            if upload is not None:
-                reply.uploads.append(upload)
+            # a blob is taken (fetched and deleted) now: this event is rendered once
+            data = await self.blobs.payload_bytes(payload)
+            if data is not None:
+                reply.uploads.append(fmt.Upload(str(payload.get("name") or "file").replace("/", "_"), data))
+            elif payload.get("skipped") or payload.get("blob"):
+                reply.notes.append(missing_note(payload))
+            else:
+                log.warning("undecodable attachment %r dropped", payload.get("name"))
         else:
             async with reply.lock:
                 await self._flush(reply)
@@ -110,7 +116,7 @@ class Renderer:
 
     # --- streamed text -----------------------------------------------------------------------
     async def _delta(self, reply: _Reply, payload: dict[str, Any]) -> None:
-        if reply.uploads or (reply.text and payload.get("round") != reply.round):
+        if reply.uploads or reply.notes or (reply.text and payload.get("round") != reply.round):
             async with reply.lock:  # a new round (or files in between) starts new messages below
                 await self._flush(reply)
                 await self._send_uploads(reply)
@@ -192,10 +198,11 @@ class Renderer:
         await self._post(reply, split_message(content, fmt.MESSAGE_LIMIT)[-1], uploads)
 
     async def _send_uploads(self, reply: _Reply) -> None:
-        if not reply.uploads:
+        if not reply.uploads and not reply.notes:
             return
         batches, notes = fmt.batch_uploads(reply.uploads, max_bytes=self.file_limit)
-        reply.uploads = []
+        notes = [*reply.notes, *notes]
+        reply.uploads, reply.notes = [], []
         self._close_segment(reply)
         for batch in batches:
             await self._post(reply, "", batch)
@@ -232,13 +239,3 @@ class Renderer:
         if user:
             await self.store.release(str(user), event.job_id)
         await self.ownership.ended(event.conversation, event.job_id)
-
-
-def _decode(payload: dict[str, Any]) -> fmt.Upload | None:
-    try:
-        data = base64.b64decode(str(payload.get("data_b64") or ""), validate=True)
-    except (binascii.Error, ValueError):
-        log.warning("undecodable attachment %r dropped", payload.get("name"))
-        return None
-    name = str(payload.get("name") or "file").replace("/", "_")
-    return fmt.Upload(name, data)

@@ -108,6 +108,11 @@ class SlackAdapter:
                 await self.controls.typed(inbound, event_id)
             return
         result = await self._submit(inbound.job) if inbound.job is not None else None
+        if result is not None and result.refused is not None:
+            # Over a limit: no status message, no job. One ephemeral "slow down" per window.
+            if result.refused.notify:
+                self.spawn(self.renderer.notify(inbound.where, inbound.user, [result.refused.user_message()]))
+            return
         if inbound.job is not None and result is not None and result.created:
             job = inbound.job.model_copy(update={"id": result.job_id})
             thread = None
@@ -137,10 +142,11 @@ class SlackAdapter:
 
     # --- helpers --------------------------------------------------------------------------------------
     async def _submit(self, job: Job) -> EnqueueResult:
-        # concurrent acks' enqueues share a round trip (JobQueue's scripts are auto-pipelined)
-        result = await self.queue.enqueue(job)
+        # concurrent acks' enqueues share a round trip (JobQueue's scripts are auto-pipelined); the
+        # user's limits are checked in that same script, before anything is posted
+        result = await self.queue.enqueue(job, limits=True)
         log.info("slack %s job %s for %s (%s)", job.kind, result.job_id, job.conversation.key,
-                 "new" if result.created else "duplicate")
+                 f"refused: {result.refused.kind}" if result.refused else "new" if result.created else "duplicate")
         return result
 
     async def _notices(self, inbound: Inbound, event_id: str, result: EnqueueResult | None) -> None:

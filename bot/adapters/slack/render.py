@@ -27,6 +27,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.adapters.ownership import Ownership
 from bot.adapters.slack.inbound import STOP_ACTION, Where, stop_value, where_from_meta
 from bot.adapters.slack.transcript import Attach, Transcript, escape
+from bot.blobs import BlobStore, missing_note
 from bot.jobs import Conversation, Event, Job
 from bot.settings import Settings
 
@@ -73,6 +74,7 @@ class SlackRenderer:
         self.edit_interval = edit_interval
         self.idle_timeout = idle_timeout
         self.views: dict[str, View] = {}
+        self.blobs = BlobStore(redis, settings)
         # Slack would rate-limit a burst anyway; a few calls in flight keep a burst of renders from
         # crowding out the acks that share this event loop.
         self._in_flight = asyncio.Semaphore(api_concurrency)
@@ -213,8 +215,16 @@ class SlackRenderer:
                 view.status_shown = status
 
     async def _upload(self, view: View, attach: Attach) -> None:
+        data = attach.data
+        if attach.blob is not None:
+            # taken (fetched and deleted) now: the reader renders an event once, so nobody needs it later
+            found = await self.blobs.take(attach.blob)
+            if found is None:
+                view.transcript.note(missing_note({"name": attach.name}))
+                return
+            data = found
         await self._call("files_upload_v2", channel=view.where.channel, thread_ts=view.where.thread_ts,
-                         file=attach.data, filename=attach.name, title=attach.name,
+                         file=data, filename=attach.name, title=attach.name,
                          initial_comment=attach.comment)
 
     async def _finish(self, view: View, event: Event) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bot.adapters.common import code_block, split_message, truncate_output
+from bot.blobs import missing_note
 from bot.jobs import Event
 
 #: Slack cuts messages near 4,000 characters in practice (msg_too_long); stay below.
@@ -51,12 +52,14 @@ class Section:
 
 @dataclass
 class Attach:
-    """A file to upload into the thread (an image, a file, or full output)."""
+    """A file to upload into the thread (an image, a file, or full output). ``blob``: the Redis
+    key holding its bytes, taken just before the upload (``bot.blobs``); ``data`` is empty then."""
 
     name: str
     data: bytes
     mime: str
     comment: str | None = None
+    blob: str | None = None
 
 
 class Transcript:
@@ -97,6 +100,8 @@ class Transcript:
         elif event.type == "output":
             return self._output(p)
         elif event.type in ("image", "file"):
+            if p.get("skipped"):
+                self.note(missing_note(p))
             return _attachment(p)
         elif event.type == "final":
             self._final(p)
@@ -104,6 +109,10 @@ class Transcript:
             message = escape(str(p.get("message") or "Failed."))
             self.current.parts.append(Part("error", f":warning: {message}"))
         return None
+
+    def note(self, text: str) -> None:
+        """A warning line in the reply (a file that could not be shown, and why)."""
+        self.current.parts.append(Part("error", f":warning: {escape(text)}"))
 
     def _delta(self, text: str, round_: int) -> None:
         last = self.current.parts[-1] if self.current.parts else None
@@ -152,10 +161,15 @@ class Transcript:
 
 
 def _attachment(p: dict[str, Any]) -> Attach | None:
+    name, mime = str(p.get("name") or "file"), str(p.get("mime") or "application/octet-stream")
+    if p.get("skipped"):
+        return None
+    if isinstance(p.get("blob"), str):
+        return Attach(name, b"", mime, blob=p["blob"])
     try:
         data = base64.b64decode(str(p.get("data_b64") or ""), validate=True)
     except (binascii.Error, ValueError):
         return None
     if not data:
         return None
-    return Attach(str(p.get("name") or "file"), data, str(p.get("mime") or "application/octet-stream"))
+    return Attach(name, data, mime)

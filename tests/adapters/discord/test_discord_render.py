@@ -200,3 +200,24 @@ async def test_an_event_delivered_twice_is_rendered_once(started, fake_discord, 
                                                            "payload": {"ok": True, "rounds": 1}}))
     await run.finished()
     assert [m["content"] for m in run.replies()] == ["**Output** · 0.10 s\n```\nonce\n```"]
+
+
+async def test_files_come_from_blobs_which_are_deleted_once_taken(started, fake_discord, redis_client):
+    from bot.blobs import BlobStore
+
+    run = await started()
+    blobs = BlobStore(redis_client, run.bot.settings)
+    key = blobs.key(run.job.id, 1)
+    await blobs.put(key, PNG)
+    await run.emit("image", name="figure-1.png", mime="image/png", size=len(PNG), blob=key)
+    await run.emit("file", name="gone.csv", mime="text/csv", size=3, blob=blobs.key(run.job.id, 2))
+    await run.emit("file", name="huge.bin", mime="application/octet-stream", size=10**9,
+                   skipped="this answer's files are over the 64.0 MB limit.")
+    await run.emit("final", text="", rounds=1, ok=True)
+    await run.finished()
+    attached, note = run.replies()
+    assert [a["filename"] for a in attached["attachments"]] == ["figure-1.png"]
+    assert fake_discord.files[attached["attachments"][0]["url"].split("/attachments/")[1]] == PNG
+    assert not await redis_client.exists(key)
+    assert "`gone.csv` expired before it could be shown" in note["content"]
+    assert "`huge.bin` was not sent: this answer's files are over the 64.0 MB limit." in note["content"]

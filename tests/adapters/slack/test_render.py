@@ -167,3 +167,27 @@ async def test_reset_is_confirmed_in_the_thread_without_a_status_message(make_ri
     [reply] = rig.fake.thread(CHANNEL, first["ts"])
     assert reply["text"].startswith("Started fresh") and not reply["blocks"]
     assert rig.fake.reactions == [(CHANNEL, first["ts"], "white_check_mark")]
+
+
+async def test_files_come_from_blobs_which_are_deleted_once_uploaded(make_rig):
+    """Events name a blob key (bot/blobs.py): the renderer takes it (fetch + delete) and uploads it;
+    a file the worker skipped, or whose blob expired, is named with the reason instead."""
+    from bot.blobs import BlobStore
+
+    rig = await make_rig(edit_interval=0.05)
+    event, job, emit = await start_job(rig)
+    blobs = BlobStore(rig.redis, rig.settings)
+    key = blobs.key(job.id, 1)
+    await blobs.put(key, PNG)
+    await emit("image", name="plot.png", mime="image/png", size=len(PNG), blob=key)
+    await emit("file", name="<!channel>.bin", mime="application/octet-stream", size=9, blob=blobs.key(job.id, 2))
+    await emit("file", name="huge.bin", mime="application/octet-stream", size=10**9,
+               skipped="this answer's files are over the 64.0 MB limit.")
+    await emit("final", text="Here.", rounds=1, ok=True)
+    await rig.fake.wait_for(lambda: rig.fake.reactions)
+    [upload] = rig.fake.uploads.values()
+    assert upload.filename == "plot.png" and upload.data == PNG
+    assert not await rig.redis.exists(key)
+    body = "\n".join(m["text"] for m in rig.fake.thread(CHANNEL, event["ts"])[1:])
+    assert "`&lt;!channel&gt;.bin` expired before it could be shown" in body
+    assert "`huge.bin` was not sent: this answer's files are over the 64.0 MB limit." in body
