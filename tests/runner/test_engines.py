@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -262,3 +263,50 @@ async def test_stopping_an_engine_gives_its_threads_fresh_sessions_with_a_note(
     assert result.stdout.strip() == "False"
     assert any("unreachable" in n for n in notes)
     assert idle_state.session_id and idle_state.session_id.startswith("a/")
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A loopback port that takes connections and never answers: a host gone quiet mid-flight."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    yield server.getsockname()[1]
+    server.close()
+
+
+async def test_a_silent_engine_costs_a_bounded_wait_then_a_fresh_session(
+    make_config: Callable[..., SandboxConfig], silent_port: int, docker_client: docker.DockerClient, run_id: str
+) -> None:
+    specs = parse_engines([f"quiet=tcp://127.0.0.1:{silent_port}", f"a={MAIN}"], 100, None, None)
+    # retry_s=0: the quiet engine is tried again at once, so the thread's reattach meets the silence
+    engines = EngineSet(specs, make_config(), timeout_s=1.0, count_ttl_s=0.0, retry_s=0.0)
+    try:
+        began = time.monotonic()
+        await asyncio.wait_for(engines.start(), 60)  # a hang guard; the engine's own bound is 1 s
+        started = time.monotonic() - began
+        session, note = await asyncio.wait_for(engines.acquire("quiet/" + "0" * 64, "quiet-thread"), 60)
+        print(f"\nsilent engine: start {started:.2f} s, a thread's fresh session elsewhere "
+              f"{time.monotonic() - began - started:.2f} s (timeout 1 s per call)")
+        assert session.ref.startswith("a/") and note and "unreachable" in note
+        assert (await session.run("print(6 * 7)")).stdout.strip() == "42"
+    finally:
+        await engines.aclose()
+        for c in docker_client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={run_id}"}):
+            with contextlib.suppress(docker.errors.APIError):
+                c.remove(force=True)
+
+
+def test_doctor_is_ready_while_one_engine_is(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                             docker_client: docker.DockerClient) -> None:
+    from bot.doctor import run_checks
+
+    monkeypatch.setenv("CODELOOP_SANDBOX_IMAGE", IMAGE)
+    monkeypatch.setenv("CODELOOP_SANDBOX_ENGINES", f"a={MAIN},gone=unix://{tmp_path}/none.sock")
+    results = {r.name: r for r in run_checks(["docker", "sandbox"], 5.0)}
+    assert results["docker"].status == results["sandbox"].status == "warn"  # warnings do not fail
+    assert "1 of 2 sandbox engines ready (a)" in results["sandbox"].text and "gone" in results["sandbox"].text
+    monkeypatch.setenv("CODELOOP_SANDBOX_ENGINES", f"gone=unix://{tmp_path}/none.sock")
+    results = {r.name: r for r in run_checks(["docker", "sandbox"], 5.0)}
+    assert results["docker"].status == results["sandbox"].status == "FAIL"
+    assert "no sandbox engine is ready" in results["docker"].text
