@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -247,10 +248,15 @@ async def test_stopping_an_engine_gives_its_threads_fresh_sessions_with_a_note(
     # mid-cell: the daemon goes away under a running cell
     cell = asyncio.create_task(busy.run("import time\nfor _ in range(600): time.sleep(0.1)"))
     await asyncio.sleep(0.5)
-    await asyncio.to_thread(second.stop)
+    began = time.monotonic()
+    stopping = asyncio.create_task(asyncio.to_thread(second.stop))
     result, _ = await asyncio.wait_for(cell, 120)  # a hang guard: the cell ends when its engine does
+    lost_after = time.monotonic() - began
     assert result.error is not None and result.error.name == "SessionLost"
+    await stopping
     result, notes = await asyncio.wait_for(busy.run("print('x' in globals())"), 120)
+    print(f"\nengine stopped under a cell: SessionLost after {lost_after:.2f} s, the next cell ran on the "
+          f"other engine {time.monotonic() - began:.2f} s after the stop began (dockerd exit included)")
     assert result.stdout.strip() == "False"
     assert any("unreachable" in n for n in notes)
     assert busy.state.session_id.startswith("a/")
@@ -310,3 +316,73 @@ def test_doctor_is_ready_while_one_engine_is(monkeypatch: pytest.MonkeyPatch, tm
     results = {r.name: r for r in run_checks(["docker", "sandbox"], 5.0)}
     assert results["docker"].status == results["sandbox"].status == "FAIL"
     assert "no sandbox engine is ready" in results["docker"].text
+
+
+# --- real workers --------------------------------------------------------------------------
+def _code_of(messages: list[dict[str, Any]]) -> str:
+    """The scripted model: runs the user's message as a cell, then says it is done."""
+    last = messages[-1]["content"]
+    return "Done." if last.startswith("Execution result") else f"```python\n{last}\n```"
+
+
+async def test_workers_keep_a_thread_on_its_engine_and_move_it_when_the_engine_dies(
+    model_server: Any, redis_client: Any, make_settings: Callable[..., Settings], key_prefix: str,
+    second: Daemon,
+) -> None:
+    from bot.jobs import Conversation, Event, Job
+    from bot.queue import JobQueue
+    from bot.worker import Worker
+    from tests.conftest import RunningWorkers
+
+    model_server.script = _code_of
+    settings = make_settings(llm_url=model_server.url, sandbox_engines=f"b={second.url},a={MAIN}",
+                             sandbox_labels=[f"{TEST_LABEL}={key_prefix}"], sandbox_cell_timeout_s=30.0,
+                             sandbox_engine_timeout_s=10.0)
+    queue = JobQueue(redis_client, settings)
+    await queue.ensure_group()
+    conversation = Conversation(platform="test", channel="c", thread="engines")
+    state_key = queue.conv_key(conversation, "state")
+
+    async def ask(n: int, text: str) -> list[Event]:
+        reply = settings.key("replies", f"engines-{n}")
+        await queue.enqueue(Job(idempotency_key=f"engines-{n}", user="u", text=text, reply_stream=reply,
+                                conversation=conversation))
+        deadline = time.monotonic() + 180  # a hang guard, not a timing assertion
+        while True:
+            events = [Event.loads(f[b"event"]) for _, f in await redis_client.xrange(reply)]
+            if any(e.terminal for e in events):
+                return events
+            assert time.monotonic() < deadline, f"job {n}: no final"
+            await asyncio.sleep(0.1)
+
+    async def session_id() -> str:
+        return str(json.loads(await redis_client.get(state_key) or "{}").get("session_id"))
+
+    def outputs(events: list[Event]) -> str:
+        return "".join(e.payload["text"] for e in events if e.type == "output")
+
+    workers = RunningWorkers()
+    try:
+        await workers.start(Worker(settings), within_s=60)  # builds its EngineSet from the settings
+        assert "set" in outputs(await ask(1, "x = 41\nprint('set')"))
+        first = await session_id()
+        assert first.startswith("b/")  # a tie goes to the first listed engine
+        await workers.stop()
+
+        await workers.start(Worker(settings), within_s=60)  # another worker: reattaches on b
+        assert "42" in outputs(await ask(2, "print(x + 1)"))
+        assert await session_id() == first
+
+        await asyncio.to_thread(second.stop)  # engine b goes away between jobs
+        events = await ask(3, "print('x' in globals())")
+        assert "False" in outputs(events)
+        assert any(e.type == "status" and "unreachable" in e.payload["text"] for e in events)
+        assert [e.type for e in events if e.terminal] == ["final"]
+        assert (await session_id()).startswith("a/")
+    finally:
+        await workers.stop()
+        client = docker.from_env()
+        for c in client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={key_prefix}"}):
+            with contextlib.suppress(docker.errors.APIError):
+                c.remove(force=True)
+        client.close()
