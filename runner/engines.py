@@ -13,8 +13,8 @@ Placement: free capacity is the smaller of the free session and memory fractions
 engine's limits, where the sessions are the engine's codeloop sandboxes (counted by label like the
 janitor: every deployment's, or only this one's when ``CODELOOP_SANDBOX_LABELS`` sets its labels;
 cached ``count_ttl_s``, plus the ones this process placed since) and their memory is that count
-times the per-sandbox limit. The freest engine that answers gets the session; ties go to the one
-with fewer sessions, then to the first listed.
+times the per-sandbox limit. The freest engine that answers gets the session; ties go to one with
+a warm container ready, then to the one with fewer sessions, then to the first listed.
 
 An engine that stops answering (bounded by ``timeout_s`` per call and per connect) is set aside for
 ``retry_s``; a thread whose session lived there gets "session lost, starting fresh" on another
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING, TypeAlias
@@ -135,8 +136,11 @@ class EngineSet:
         self.config = config
         self.retry_s = retry_s if retry_s is not None else max(5.0, timeout_s)
         per_session = parse_bytes(config.memory)
+        # the worker's warm pool is split over the engines (at least one each when there is one),
+        # not repeated on each: warm containers count against an engine's capacity too
+        each = dataclasses.replace(config, pool_size=-(-config.pool_size // len(specs)))
         self.engines = [
-            Engine(spec, SandboxManager(config, spec.client(timeout_s), reap), per_session, count_ttl_s, timeout_s)
+            Engine(spec, SandboxManager(each, spec.client(timeout_s), reap), per_session, count_ttl_s, timeout_s)
             for spec in specs
         ]
         self._by_name = {engine.name: engine for engine in self.engines}
@@ -247,7 +251,7 @@ class EngineSet:
 
         await asyncio.gather(*(count(e) for e in candidates))
         ranked = sorted((e for e in candidates if e.up and e.free > 0),
-                        key=lambda e: (-e.free, e.sessions, self.engines.index(e)))
+                        key=lambda e: (-e.free, not e.manager.pool_ready, e.sessions, self.engines.index(e)))
         problem: SandboxUnavailable | None = None
         for engine in ranked:
             try:

@@ -130,7 +130,7 @@ async def make_set(
     for url in (MAIN, second.url):
         if url == second.url and not second.running:
             continue
-        client = docker.DockerClient(base_url=url)
+        client = docker.DockerClient(base_url=url, timeout=180)  # a busy machine removes slowly
         for c in client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={run_id}"}):
             with contextlib.suppress(docker.errors.APIError):
                 c.remove(force=True)
@@ -186,6 +186,9 @@ def test_settings_make_an_engine_set_only_when_engines_are_listed(make_settings:
     assert isinstance(several, EngineSet)
     assert [(e.name, e.spec.max_sessions, e.spec.max_memory) for e in several.engines] == [
         ("a", 9, 4 << 30), ("b", 9, 4 << 30)]
+    # the worker's warm pool is split over the engines, not repeated on each
+    pools = _make_sandboxes(make_settings(sandbox_engines="a=unix:///a,b=unix:///b,c=unix:///c", sandbox_pool_size=4))
+    assert isinstance(pools, EngineSet) and [e.manager.config.pool_size for e in pools.engines] == [2, 2, 2]
 
 
 # --- two real daemons ----------------------------------------------------------------------
@@ -194,6 +197,17 @@ async def test_new_sessions_spread_over_both_engines(make_set: Callable[..., Any
     refs = [(await engines.acquire(None, f"spread-{i}"))[0].ref for i in range(4)]
     assert sorted(r.split("/")[0] for r in refs) == ["a", "a", "b", "b"]
     assert on(engines, "a", run_id) == 2 and on(engines, "b", run_id) == 2
+
+
+async def test_each_engine_keeps_its_share_of_the_warm_pool(make_set: Callable[..., Any], run_id: str) -> None:
+    engines: EngineSet = await make_set(pool_size=2)  # one warm container on each engine
+    await asyncio.wait_for(engines.wait_pool(), 120)  # a hang guard
+    assert on(engines, "a", run_id) == 1 and on(engines, "b", run_id) == 1
+    warm = {e.name: {c["Id"] for c in e.manager.api.containers(filters={"label": f"{TEST_LABEL}={run_id}"})}
+            for e in engines.engines}
+    taken = [(await engines.acquire(None, f"warm-{i}"))[0] for i in range(2)]
+    assert sorted(s.ref.split("/")[0] for s in taken) == ["a", "b"]
+    assert all(s.id in warm[s.ref.split("/")[0]] for s in taken)  # served from each engine's pool
 
 
 async def test_placement_follows_free_capacity_and_memory(make_set: Callable[..., Any], run_id: str) -> None:
