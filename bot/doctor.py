@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from bot import doctor_http
 from bot.doctor_http import Advice, Problem, redact
@@ -76,6 +76,8 @@ class Doctor:
     def docker(self) -> str:
         import docker
 
+        if self.settings.sandbox_engines:
+            return self._engines(image=False)
         where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
         try:
             client = docker.from_env(timeout=max(1, int(self.timeout)))
@@ -93,14 +95,20 @@ class Doctor:
 
     def sandbox(self) -> str:
         import docker
+
+        if self.settings.sandbox_engines:
+            return self._engines(image=True)
+        if not self.engine_ok:
+            self.docker()  # its Problem says why the image cannot be looked for
+        client = docker.from_env(timeout=max(1, int(self.timeout)))
+        return self._image(client)
+
+    def _image(self, client: Any) -> str:
         from docker.errors import ImageNotFound
 
         from runner.config import PROTOCOL
 
         image = self.settings.sandbox_image
-        if not self.engine_ok:
-            self.docker()  # its Problem says why the image cannot be looked for
-        client = docker.from_env(timeout=max(1, int(self.timeout)))
         try:
             info = client.api.inspect_image(image)
         except ImageNotFound:
@@ -116,6 +124,40 @@ class Doctor:
                           f"(protocol {labels.get('codeloop.sandbox.protocol')!r}, need {PROTOCOL!r})",
                           "rebuild it: " + SANDBOX_BUILD)
         return f"{image} ({str(info.get('Id', ''))[7:19]}, protocol {PROTOCOL})"
+
+    def _engines(self, image: bool) -> str:
+        """CODELOOP_SANDBOX_ENGINES: ready while one engine answers (and has the image); the others
+        are a warning, since the worker sets them aside and keeps retrying them."""
+        from runner.engines import parse_engines
+
+        s = self.settings
+        try:
+            specs = parse_engines(s.sandbox_engines, s.sandbox_engine_sessions, s.sandbox_engine_memory,
+                                  s.sandbox_engine_tls_dir)
+        except ConfigError as exc:
+            raise Problem(str(exc), "correct it (see .env.example)") from None
+        ready, down = [], []
+        for spec in specs:
+            client = spec.client(max(1.0, self.timeout))
+            try:
+                self._image(client) if image else client.version()
+                ready.append(spec.name)
+            except Problem as exc:
+                down.append(f"{spec.name}: {exc}")
+            except Exception as exc:  # DockerException, requests errors or OSError
+                down.append(f"{spec.name} at {spec.url}: {_short(exc)}")
+            finally:
+                client.close()
+        what = f"the sandbox image {s.sandbox_image}" if image else "the engine"
+        if not ready:
+            raise Problem(f"no sandbox engine is ready ({'; '.join(down)})",
+                          f"start the engines (and their docker proxies) or correct CODELOOP_SANDBOX_ENGINES; "
+                          f"each needs {what}")
+        self.engine_ok = True
+        if down:
+            raise Advice(f"{len(ready)} of {len(specs)} sandbox engines ready ({', '.join(ready)}); "
+                         f"new sessions avoid the rest: {'; '.join(down)}")
+        return f"{len(ready)} sandbox engines ready: {', '.join(ready)}" + (f" ({what})" if image else "")
 
     def model(self) -> str:
         if self.settings.backend == "transformers":

@@ -33,7 +33,7 @@ from bot.settings import Settings
 from bot.store import ConversationState, ConversationStore, trim_history
 
 if TYPE_CHECKING:
-    from runner.manager import SandboxManager
+    from runner.engines import Sandboxes
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class JobRun:
     """State of one job while a worker holds it. ``stop()`` is what the Stop button calls."""
 
     def __init__(self, delivery: Delivery, queue: JobQueue, store: ConversationStore, model: ModelClient,
-                 sandboxes: SandboxManager, settings: Settings, http: aiohttp.ClientSession, *,
+                 sandboxes: Sandboxes, settings: Settings, http: aiohttp.ClientSession, *,
                  blobs: BlobStore | None = None, memory: MemoryGuard | None = None) -> None:
         assert delivery.job is not None
         self.delivery = delivery

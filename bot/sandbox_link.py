@@ -16,7 +16,7 @@ from bot.store import ConversationState
 from runner.results import ErrorInfo, ExecutionResult
 
 if TYPE_CHECKING:
-    from runner.manager import SandboxManager
+    from runner.engines import Sandboxes
     from runner.session import SandboxSession
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ __all__ = ["ThreadSandbox", "safe_filename"]
 class ThreadSandbox:
     """Implements the agent's ``CodeRunner`` for one job of one conversation."""
 
-    def __init__(self, manager: SandboxManager, state: ConversationState, label: str, settings: Settings,
+    def __init__(self, manager: Sandboxes, state: ConversationState, label: str, settings: Settings,
                  on_new_session: Callable[[], Awaitable[None]] | None = None) -> None:
         self.manager = manager
         #: called when the thread gets a new container, to record its id before any code runs in it
@@ -45,8 +45,8 @@ class ThreadSandbox:
             if note:
                 self.notes.append(note)
                 self.state.files.clear()
-            if self.state.session_id != self.session.id:
-                self.state.session_id = self.session.id
+            if self.state.session_id != self.session.ref:
+                self.state.session_id = self.session.ref  # names its engine when there are several
                 if self.on_new_session is not None:
                     await self.on_new_session()
         return self.session
@@ -55,7 +55,7 @@ class ThreadSandbox:
         """The session failed under us (died, wedged, sent a malformed reply): its container is
         removed now, before the thread's next session is made (acquire() with the old id explains)."""
         self.session = None
-        await self.manager.discard(session.id)
+        await self.manager.discard(session.ref)
 
     async def run(self, code: str) -> tuple[ExecutionResult, list[str]]:
         session = await self.ensure()

@@ -111,6 +111,18 @@ class Settings(BaseSettings):
     #: all files one cell hands back, together (the host re-checks it; bounds every reply's size)
     sandbox_max_total_file_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     sandbox_labels: CSV = Field(default_factory=list, description="extra container labels, key=value,key=value")
+    #: several sandbox hosts (runner/engines.py; docs/DEPLOY.md "Growing past one host")
+    sandbox_engines: CSV = Field(
+        default_factory=list,
+        description="Docker endpoints for sandboxes, name=unix:///path or name=tcp://host:2376 "
+                    "(?sessions=N&memory=64g overrides the limits), comma-separated; empty = DOCKER_HOST alone")
+    sandbox_engine_sessions: int = Field(100, ge=1, description="sandboxes one engine may hold (all deployments')")
+    sandbox_engine_memory: str | None = Field(
+        None, pattern=r"^[0-9]+[bkmgt]?$", description="sandbox memory one engine may hold, e.g. 64g; empty = no limit")
+    sandbox_engine_tls_dir: str | None = Field(
+        None, description="ca.pem, cert.pem, key.pem for tcp:// engines; <dir>/<engine name>/ wins where present")
+    sandbox_engine_timeout_s: float = Field(
+        20.0, gt=0, description="bound on each call to an engine and on connecting to it (an engine gone silent)")
     #: the worker's janitor (runner/janitor.py): how often it looks, how long a ping may take
     sandbox_reap_interval_s: float = Field(60.0, gt=0, description="host-side reaping of sandboxes, every this long")
     sandbox_ping_timeout_s: float = Field(10.0, gt=0, description="an executor silent this long is unresponsive")
@@ -167,6 +179,7 @@ class Settings(BaseSettings):
     _split = field_validator(
         "stop",
         "sandbox_labels",
+        "sandbox_engines",
         "slack_allowed_channels",
         "slack_allowed_users",
         "slack_moderators",
@@ -194,6 +207,11 @@ class Settings(BaseSettings):
             if not eq or not key.strip():
                 raise ValueError(f"{item!r} is not key=value")
         return value
+
+    @field_validator("sandbox_engine_memory", "sandbox_engine_tls_dir", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("slack_allow_dms", mode="before")
     @classmethod

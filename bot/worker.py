@@ -43,7 +43,7 @@ from bot.settings import Settings
 from bot.store import ConversationStore
 
 if TYPE_CHECKING:
-    from runner.manager import SandboxManager
+    from runner.engines import Sandboxes
 
 log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 20.0
@@ -52,18 +52,19 @@ SHUTDOWN_GRACE_S = 20.0
 PARKED_PER_INTAKE = 16
 
 
-def _make_sandboxes(settings: Settings) -> SandboxManager:
+def _make_sandboxes(settings: Settings) -> Sandboxes:
     from runner.config import SandboxConfig
+    from runner.engines import make_sandboxes
     from runner.janitor import ReapPolicy
-    from runner.manager import SandboxManager
 
-    # Every worker runs the host-side janitor: sandboxes are reaped by the host, not only by themselves.
-    return SandboxManager(SandboxConfig.from_settings(settings), reap=ReapPolicy.from_settings(settings))
+    # Every worker runs the host-side janitor (one per engine): sandboxes are reaped by the host,
+    # not only by themselves. CODELOOP_SANDBOX_ENGINES lists several engines; else DOCKER_HOST.
+    return make_sandboxes(settings, SandboxConfig.from_settings(settings), ReapPolicy.from_settings(settings))
 
 
 class Worker:
     def __init__(self, settings: Settings, *, model: ModelClient | None = None,
-                 sandboxes: SandboxManager | None = None, name: str | None = None) -> None:
+                 sandboxes: Sandboxes | None = None, name: str | None = None) -> None:
         self.settings = settings
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.redis = redis_conn.connect(settings)

@@ -61,6 +61,12 @@ async def _connect(api: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter
     )
 
 
+def _timeout(api: Any) -> float:
+    """The docker client's own request timeout bounds connecting and the upgrade (60 s default)."""
+    value = getattr(api, "timeout", None)
+    return float(value) if isinstance(value, (int, float)) and value > 0 else 60.0
+
+
 class AttachStream:
     """One attach connection; replies are JSON lines (dicts) handed to ``on_message``."""
 
@@ -92,9 +98,11 @@ class AttachStream:
         on_close: Callable[[], None],
         max_line: int,
     ) -> AttachStream:
+        # bounded: an engine whose host vanished must not hang the thread (runner/engines.py)
+        limit = _timeout(api)
         try:
-            reader, writer = await _connect(api)
-        except OSError as exc:
+            reader, writer = await asyncio.wait_for(_connect(api), limit)
+        except OSError as exc:  # TimeoutError included
             raise SandboxUnavailable(f"cannot reach the Docker engine ({exc}); is dockerd running?") from exc
         version = getattr(api, "_version", "1.41")
         request = (
@@ -104,7 +112,7 @@ class AttachStream:
         )
         writer.write(request.encode())
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), limit)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError) as exc:
             writer.close()
             raise SessionLost(f"attach to sandbox {container_id[:12]} failed: {exc}") from exc

@@ -217,29 +217,39 @@ class SandboxManager:
         why). A previous session that is lost, frozen or wedged is removed before the new one is made."""
         note = None
         if session_id:
-            session = await self._reattach(session_id, label)
+            session, note = await self.resume(session_id, label)
             if session is not None:
                 return session, None
-            if session_id in self._crashed:
-                note = (
-                    "The previous Python session stopped unexpectedly; variables and files from "
-                    "earlier in this thread are gone."
-                )
-            else:
-                note = (
-                    f"The previous Python session expired after {_span(self.config.idle_ttl_s)} idle; "
-                    "variables and files from earlier in this thread are gone."
-                )
+        return await self.fresh(label), note
+
+    async def resume(self, session_id: str, label: str) -> tuple[SandboxSession | None, str | None]:
+        """The thread's session if its executor answers, else None and a note why it is gone (the
+        old container removed first). runner/engines.py places the fresh one on any engine."""
+        session = await self._reattach(session_id, label)
+        if session is not None:
+            return session, None
+        if session_id in self._crashed:
+            return None, (
+                "The previous Python session stopped unexpectedly; variables and files from "
+                "earlier in this thread are gone."
+            )
+        return None, (
+            f"The previous Python session expired after {_span(self.config.idle_ttl_s)} idle; "
+            "variables and files from earlier in this thread are gone."
+        )
+
+    async def fresh(self, label: str) -> SandboxSession:
+        """A new session for a thread: a warm one from the pool, else one created now."""
         while self._pool:
             session = self._pool.pop(0)
             self._pool_full.clear()
             self._refill.set()
             if not session.closed:
                 self._take(session, label)
-                return session, note
+                return session
         session = await self._create(label)
         self._sessions[session.id] = session
-        return session, note
+        return session
 
     async def _reattach(self, session_id: str, label: str) -> SandboxSession | None:
         if session_id in self.lost:

@@ -64,7 +64,7 @@ async def remove_container(api: Any, container_id: str) -> bool:
 
 
 class SandboxSession:
-    """A live Python session in its own container. ``id`` is the container id (store it)."""
+    """A live Python session in its own container. ``id`` is the container id; a thread stores ``ref``."""
 
     def __init__(
         self,
@@ -75,6 +75,9 @@ class SandboxSession:
         on_use: Callable[[SandboxSession], None] | None = None,
     ) -> None:
         self.id = container_id
+        #: what a thread records: the container id, or "<engine>/<container id>" when several
+        #: engines serve sandboxes (runner/engines.py)
+        self.ref = container_id
         self.config = config
         self.limits = ReplyLimits.from_config(config)
         self.created = time.monotonic()

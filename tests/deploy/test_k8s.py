@@ -6,6 +6,7 @@ the API server. When kubectl is installed, its built-in kustomize must render th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 import subprocess
@@ -97,8 +98,43 @@ def test_gpu_work_lands_on_the_gpu_pool_and_sandboxes_elsewhere() -> None:
         limits = specs[name]["containers"][0]["resources"]["limits"]
         assert limits["nvidia.com/gpu"] == "1"
     worker_env = next(d for d in documents() if d["kind"] == "ConfigMap")["data"]
-    assert worker_env["DOCKER_HOST"] == "tcp://sandbox-engine:2376"  # TLS: tests/deploy/test_proxy_listener.py
+    assert "DOCKER_HOST" not in worker_env  # the engines' list instead (test below)
     assert "docker.sock" not in yaml.safe_dump(specs["codeloop-worker"])
+
+
+def test_the_sandbox_tier_is_n_engines_the_workers_list_by_stable_name() -> None:
+    """Item 3 of issue 18: validated only (no cluster here); runner/engines.py parses the list."""
+    from bot.settings import Settings
+    from runner.engines import parse_engines
+
+    docs = documents()
+    [engine] = [d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "sandbox-engine"]
+    [service] = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "sandbox-engine"]
+    replicas = engine["spec"]["replicas"]
+    assert replicas >= 2 and engine["spec"]["serviceName"] == "sandbox-engine"
+    assert service["spec"]["clusterIP"] == "None"  # headless: a DNS name per pod
+    pod = engine["spec"]["template"]["spec"]
+    [rule] = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert rule["topologyKey"] == "kubernetes.io/hostname"
+    assert rule["labelSelector"]["matchLabels"] == engine["spec"]["selector"]["matchLabels"]
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    settings = Settings.load(**{k.removeprefix("CODELOOP_").lower(): v for k, v in config.items()
+                                if k.startswith("CODELOOP_")})
+    specs = parse_engines(settings.sandbox_engines, settings.sandbox_engine_sessions,
+                          settings.sandbox_engine_memory, settings.sandbox_engine_tls_dir)
+    namespace = kustomization()["namespace"]
+    assert [s.url for s in specs] == [f"tcp://sandbox-engine-{i}.sandbox-engine.{namespace}.svc:2376"
+                                      for i in range(replicas)]
+    assert len({s.name for s in specs}) == replicas
+    assert all(s.tls_dir == "/etc/codeloop/docker-tls" for s in specs)
+    workers = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].startswith("codeloop-worker")]
+    for worker in workers:
+        mounts = {m["mountPath"] for m in worker["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+        assert settings.sandbox_engine_tls_dir in mounts
+    # the engines' sandboxes fit in the dind container: the per-engine memory limit is below it
+    dind = next(c for c in pod["containers"] if c["name"] == "dind")
+    assert specs[0].max_memory is not None
+    assert specs[0].max_memory < int(dind["resources"]["limits"]["memory"].removesuffix("Gi")) << 30
 
 
 def render() -> list[dict[str, Any]]:
@@ -155,9 +191,9 @@ def test_slack_http_mode_has_a_service_and_disruptions_take_one_pod_at_a_time() 
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     assert events == int(config.get("CODELOOP_SLACK_HTTP_PORT", 3000))
     budgets = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "PodDisruptionBudget"}
-    assert set(budgets) == {"codeloop-worker", "codeloop-slack"}
+    assert set(budgets) == {"codeloop-worker", "codeloop-slack", "sandbox-engine"}
     labels = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in docs
-              if d["kind"] == "Deployment"}
+              if d["kind"] in ("Deployment", "StatefulSet")}
     for name, spec in budgets.items():
         assert spec["maxUnavailable"] == 1
         assert spec["selector"]["matchLabels"].items() <= labels[name].items(), name
@@ -201,3 +237,40 @@ def test_kubectl_kustomize_renders_the_same_objects() -> None:
         if doc["kind"] in ("Deployment", "StatefulSet"):
             images = [c["image"] for c in doc["spec"]["template"]["spec"]["containers"]]
             assert images == [c["image"] for c in ours[key(doc)]["spec"]["template"]["spec"]["containers"]]
+
+
+def test_one_wildcard_certificate_verifies_every_engine_replica(tmp_path: Path) -> None:
+    """The name sandbox-engine.yaml tells operators to sign covers sandbox-engine-<i>..., as the
+    workers (requests and runner/attach.py, both Python's ssl) verify it; a stranger's name fails."""
+    import socket
+    import ssl
+    import threading
+
+    root = K8S.parents[1]
+    subprocess.run(["sh", str(root / "deploy/proxy-certs.sh"), str(tmp_path), "*.sandbox-engine.codeloop.svc"],
+                   check=True, capture_output=True)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tmp_path / "server/cert.pem", tmp_path / "server/key.pem")
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        for _ in range(3):
+            conn, _ = listener.accept()
+            with contextlib.suppress(ssl.SSLError, OSError), server_ctx.wrap_socket(conn, server_side=True):
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client_ctx = ssl.create_default_context(cafile=str(tmp_path / "client/ca.pem"))
+    for name, ok in (("sandbox-engine-0.sandbox-engine.codeloop.svc", True),
+                     ("sandbox-engine-7.sandbox-engine.codeloop.svc", True),
+                     ("redis.codeloop.svc", False)):
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            if ok:
+                client_ctx.wrap_socket(raw, server_hostname=name).close()
+            else:
+                with pytest.raises(ssl.SSLCertVerificationError):
+                    client_ctx.wrap_socket(raw, server_hostname=name)
+    thread.join(30)
+    listener.close()

@@ -157,7 +157,8 @@ def test_kubernetes_wires_client_certificate_tls_between_workers_and_the_engine(
     secrets = {v["name"]: v["secret"]["secretName"] for v in engine["volumes"] if "secret" in v}
     assert "codeloop-docker-tls-server" in secrets.values()
     config = next(d for d in k8s("config.yaml") if d["kind"] == "ConfigMap")["data"]
-    assert config["DOCKER_HOST"] == "tcp://sandbox-engine:2376"
+    assert config["CODELOOP_SANDBOX_ENGINE_TLS_DIR"] == "/etc/codeloop/docker-tls"  # the engines: test_k8s.py
+    assert all(":2376" in entry for entry in config["CODELOOP_SANDBOX_ENGINES"].split(","))
     for worker in (d for d in k8s("worker.yaml") if d["kind"] == "Deployment"):
         spec = worker["spec"]["template"]["spec"]
         env = {e["name"]: e.get("value") for e in spec["containers"][0].get("env", [])}
