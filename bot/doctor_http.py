@@ -21,7 +21,7 @@ from bot.settings import Settings
 
 #: the bot scopes deploy/slack-manifest.yml grants; each one is used (tests keep the two in step)
 SLACK_SCOPES = frozenset({"app_mentions:read", "chat:write", "reactions:write", "files:read", "files:write",
-                          "channels:history", "groups:history", "im:history", "commands"})
+                          "channels:history", "groups:history", "im:history", "commands", "users:read"})
 #: Slack's answers for a token that is not (or no longer) valid
 SLACK_REJECTED = frozenset({"invalid_auth", "not_authed", "token_revoked", "token_expired", "account_inactive",
                             "not_allowed_token_type", "missing_scope"})
