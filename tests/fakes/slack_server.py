@@ -23,7 +23,7 @@ from tests.fakes.slack_api import FakeSlackAPI
 
 #: what deploy/slack-manifest.yml grants the bot
 MANIFEST_SCOPES = ("app_mentions:read", "chat:write", "reactions:write", "files:read", "files:write",
-                   "channels:history", "groups:history", "im:history", "commands")
+                   "channels:history", "groups:history", "im:history", "commands", "users:read")
 
 
 class ScopedSlackAPI(FakeSlackAPI):
