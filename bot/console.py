@@ -65,6 +65,11 @@ class ConsoleRenderer:
             text = p.get("text") or "(no output)"
             self._line("[output]\n" + text)
         elif event.type in ("image", "file"):
+            if data is None and p.get("data_b64"):  # an inline event (older workers, direct callers)
+                try:
+                    data = base64.b64decode(str(p["data_b64"]), validate=True)
+                except ValueError:
+                    data = None
             if data is None:
                 self._line(f"[{event.type}] {missing_note(p)}")
                 return

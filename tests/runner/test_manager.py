@@ -23,7 +23,8 @@ MakeManager = Callable[..., Awaitable[SandboxManager]]
 
 
 def containers(client: docker.DockerClient, run_id: str) -> list[str]:
-    found = client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={run_id}"})
+    # sparse: no inspect per container, which races with auto-removal (NotFound)
+    found = client.containers.list(all=True, sparse=True, filters={"label": f"{TEST_LABEL}={run_id}"})
     return sorted(c.id for c in found)
 
 
