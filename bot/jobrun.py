@@ -21,6 +21,7 @@ from bot.agent.loop import Turn
 from bot.agent.prompts import SYSTEM_PROMPT, files_note
 from bot.downloads import DownloadPolicy
 from bot.errors import CodeloopError, InputRejected, JobCancelled
+from bot.files_store import FilesStore
 from bot.jobs import Event, Job
 from bot.llm.base import GenerationParams, ModelClient
 from bot.outbox import Outbox
@@ -197,7 +198,10 @@ class JobRun:
     async def _reset(self, state: ConversationState) -> Event:
         if state.session_id:
             await self.sandboxes.destroy(state.session_id)
-        return self.event("final", {"text": "Started fresh: the conversation and its Python session were reset.",
+        store = FilesStore.from_settings(self.settings)
+        await asyncio.to_thread(store.thread(self.job.conversation.key).remove)
+        return self.event("final", {"text": "Started fresh: the conversation, its Python session and its files "
+                                            "were reset.",
                                     "rounds": 0, "ok": True, "reset": True})
 
     async def _record_session(self) -> None:

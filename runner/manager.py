@@ -214,22 +214,17 @@ class SandboxManager:
     # --- public API -------------------------------------------------------------------------
     async def acquire(self, session_id: str | None, label: str) -> tuple[SandboxSession, str | None]:
         """The thread's session: reattached if its executor answers, else a fresh one (with a note
-        why). A previous session that is lost, frozen or wedged is removed before the new one is made."""
+        why; the worker adds what became of the thread's variables and files, bot/sandbox_link.py). A
+        previous session that is lost, frozen or wedged is removed before the new one is made."""
         note = None
         if session_id:
             session = await self._reattach(session_id, label)
             if session is not None:
                 return session, None
             if session_id in self._crashed:
-                note = (
-                    "The previous Python session stopped unexpectedly; variables and files from "
-                    "earlier in this thread are gone."
-                )
+                note = "The previous Python session stopped unexpectedly."
             else:
-                note = (
-                    f"The previous Python session expired after {_span(self.config.idle_ttl_s)} idle; "
-                    "variables and files from earlier in this thread are gone."
-                )
+                note = f"The previous Python session expired after {_span(self.config.idle_ttl_s)} idle."
         while self._pool:
             session = self._pool.pop(0)
             self._pool_full.clear()
