@@ -56,7 +56,7 @@ class ThreadSandbox:
 
     async def ensure(self) -> SandboxSession:
         if self.session is None:
-            await self._begin()
+            await self.begin()
             previous = self.state.session_id
             session, note = await self.manager.acquire(previous, self.label)
             if session.id != previous:
@@ -71,7 +71,7 @@ class ThreadSandbox:
                     await self.on_new_session()
         return self.session
 
-    async def _begin(self) -> None:
+    async def begin(self) -> None:
         """Once per job: a new conversation starts with no stored files (one that expired in Redis
         may have left some), an ongoing one's expiry starts again; expired threads are swept."""
         if self._touched:
