@@ -34,6 +34,8 @@ READ = ("```python\nimport os\nprint('files:', sorted(os.listdir('/mnt/data')))\
 BIG = ("```python\nimport glob, os\n[os.remove(p) for p in glob.glob('/mnt/data/*.bin')]\n"
        "open('/mnt/data/{name}', 'wb').write(b'z' * 600_000)\nprint('big')\n```")
 
+TWO = "```python\nfor n in ('a.txt', 'b.txt'):\n    open('/mnt/data/' + n, 'w').write(n)\n```"
+
 
 def script(messages: list[dict[str, Any]]) -> str:
     last = str(messages[-1]["content"])
@@ -43,6 +45,8 @@ def script(messages: list[dict[str, Any]]) -> str:
         return WRITE
     if last.startswith("big "):
         return BIG.format(name=last.split()[1])
+    if last.startswith("two"):
+        return TWO
     return READ
 
 
@@ -122,6 +126,21 @@ async def test_the_cap_evicts_the_oldest_and_the_note_says_so(
     assert "files: ['b.bin']" in seen
     assert f"{RESTORED} (b.bin)." in seen
     assert "Not restored (in a subfolder, or over this thread's file cap): a.bin." in seen
+
+
+async def test_files_never_returned_are_named_as_not_restorable(
+        start_worker: Any, model_server: Any, redis_client: aioredis.Redis) -> None:
+    model_server.script = script
+    worker = await start_worker(sandbox_max_files=1)  # a cell returns one file; the other stays inside
+    queue, reply = JobQueue(redis_client, worker.settings), "replies:unreturned"
+    await ask(queue, redis_client, "U", "two files", reply)
+    assert "were not returned" in feedback(model_server)
+    assert store_of(worker.settings, "U").names() == ["a.txt"]
+    await remove_session(redis_client, worker.settings, "U")
+    await ask(queue, redis_client, "U", "read", reply)
+    seen = feedback(model_server)
+    assert "files: ['a.txt']" in seen and f"{RESTORED} (a.txt)." in seen
+    assert "Files a cell wrote that were not returned (over the per-cell return caps) could not be restored." in seen
 
 
 async def test_no_thread_sees_another_threads_files(
