@@ -138,8 +138,8 @@ class SandboxUnavailable(SandboxError):
 
 class SessionLost(SandboxError):
     kind = "session_lost"
-    generic = ("This thread's Python session ended unexpectedly; its variables and files are gone. "
-               "Send the request again to start a fresh session.")
+    generic = ("This thread's Python session ended unexpectedly; its variables are gone. Send the request "
+               "again to start a fresh session (your files in /mnt/data are put back).")
 
 
 class MalformedReply(SessionLost):

@@ -16,15 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from bot import metrics
+from bot import metrics, thread_notebook
 from bot.adapters.common import InputLimits, Upload, check_upload
 from bot.agent.loop import Turn
 from bot.agent.prompts import SYSTEM_PROMPT, files_note
 from bot.blobs import BlobStore, JobBlobs, MemoryGuard
 from bot.downloads import DownloadPolicy
 from bot.errors import CodeloopError, InputRejected, JobCancelled, Refused, ServiceBusy
+from bot.files_store import FilesStore
 from bot.jobs import Event, Job
 from bot.llm.base import GenerationParams, ModelClient
+from bot.notebook import NotebookRecorder
 from bot.outbox import Outbox
 from bot.queue import Delivery, JobQueue
 from bot.ratelimit import RateLimiter
@@ -62,6 +64,8 @@ class JobRun:
         self.sandbox: ThreadSandbox | None = None
         self.task: asyncio.Task[Any] | None = None
         self.stopped = False
+        #: this job's cells for the thread's notebook (bot/thread_notebook.py), fed by ``emit``
+        self.notebook: NotebookRecorder | None = None
 
     def event(self, type_: str, payload: dict[str, Any]) -> Event:
         self.seq += 1
@@ -69,10 +73,13 @@ class JobRun:
                      payload=payload, meta=self.job.meta)
 
     async def emit(self, type_: str, payload: dict[str, Any]) -> None:
+        event = self.event(type_, payload)
+        if self.notebook is not None:
+            self.notebook.event(event)  # before the bytes leave for a blob: the notebook keeps images
         if type_ in ("image", "file") and "data_b64" in payload:
             # the bytes go to a blob key first; the event, published after it, carries the key
-            payload = await self.files.stash(payload)
-        self.outbox.put(self.event(type_, payload))
+            event = event.model_copy(update={"payload": await self.files.stash(payload)})
+        self.outbox.put(event)
 
     async def finish(self, final: Event, state_mode: str = "keep") -> None:
         """End the job: unsent events + ``final`` + state + done + ack + unlock, atomically."""
@@ -123,6 +130,9 @@ class JobRun:
             if job.kind == "reset":
                 final = await self._reset(state)
                 mode = "del"
+            elif job.kind == "export":
+                final = await self._export()
+                mode = "keep"
             else:
                 turn = self._turn(state)
                 self.task = asyncio.current_task()
@@ -181,10 +191,34 @@ class JobRun:
             await self.emit("status", {"text": "receiving files"})
             names = await self.sandbox.upload(job.attachments)
             text = f"{text}\n\n{files_note(names)}".strip()
+        await self.sandbox.begin()
+        self.notebook = await asyncio.to_thread(thread_notebook.recorder_for, self.sandbox.files,
+                                                job.conversation.key)
+        self.notebook.user(text)
         reply = await turn.run(text, self.emit, self.sandbox)
         self._record(state, turn)
         metrics.ROUNDS.observe(turn.rounds)
-        return self.event("final", {"text": reply, "rounds": turn.rounds, "ok": True})
+        final = self.event("final", {"text": reply, "rounds": turn.rounds, "ok": True})
+        self.notebook.event(final)
+        try:
+            await asyncio.to_thread(thread_notebook.append, self.sandbox.files, self.notebook)
+        except OSError as exc:
+            log.warning("could not record the notebook of %s: %s", job.conversation.key, exc)
+        return final
+
+    async def _export(self) -> Event:
+        """The thread as a notebook (bot/thread_notebook.py), answered as a file event."""
+        key = self.job.conversation.key
+        files = FilesStore.from_settings(self.settings).thread(key)
+        data = await asyncio.to_thread(thread_notebook.export, files, key)
+        if data is None:
+            return self.event("final", {"text": "Nothing to export yet: this thread has no executed cells.",
+                                        "rounds": 0, "ok": True, "export": True})
+        name = thread_notebook.file_name(self.job.conversation.thread)
+        await self.emit("file", {"name": name, "mime": "application/x-ipynb+json", "size": len(data),
+                                 "data_b64": base64.b64encode(data).decode()})
+        return self.event("final", {"text": f"This thread as a Jupyter notebook: {name}", "rounds": 0,
+                                    "ok": True, "export": True})
 
     def _check_uploads(self) -> None:
         """The adapters refuse oversize and executable uploads already; jobs also reach the stream
@@ -208,7 +242,10 @@ class JobRun:
     async def _reset(self, state: ConversationState) -> Event:
         if state.session_id:
             await self.sandboxes.destroy(state.session_id)
-        return self.event("final", {"text": "Started fresh: the conversation and its Python session were reset.",
+        store = FilesStore.from_settings(self.settings)
+        await asyncio.to_thread(store.thread(self.job.conversation.key).remove)
+        return self.event("final", {"text": "Started fresh: the conversation, its Python session and its files "
+                                            "were reset.",
                                     "rounds": 0, "ok": True, "reset": True})
 
     async def _record_session(self) -> None:

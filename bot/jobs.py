@@ -26,7 +26,7 @@ from bot.errors import PoisonJob
 
 SCHEMA_VERSION: Literal[1] = 1
 
-JobKind = Literal["message", "stop", "reset"]
+JobKind = Literal["message", "stop", "reset", "export"]
 EventType = Literal["status", "delta", "code", "output", "image", "file", "final", "error"]
 TERMINAL_EVENTS: frozenset[str] = frozenset({"final", "error"})
 _SURROGATE = re.compile("[\ud800-\udfff]")

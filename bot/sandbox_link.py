@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 from bot.adapters.common import safe_filename
 from bot.downloads import Downloader, too_big
 from bot.errors import InputRejected, JobCancelled, SessionLost
+from bot.files_store import FilesStore, ThreadFiles
 from bot.jobs import Attachment
 from bot.settings import Settings
 from bot.store import ConversationState
-from runner.results import ErrorInfo, ExecutionResult
+from runner.results import ErrorInfo, ExecutionResult, FileResult
 
 if TYPE_CHECKING:
     from runner.engines import Sandboxes
@@ -21,6 +22,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 __all__ = ["ThreadSandbox", "safe_filename"]
+
+RESTORED = "Python variables were reset, but your files in /mnt/data were restored"
+#: the executor's note when a cell's files were over the return caps (runner/sandbox/files.py)
+NOT_RETURNED = "were not returned"
+
+
+def _full_output(result: ExecutionResult, item: FileResult) -> bool:
+    """stdout.txt / stderr.txt that carry a cut output in full: not a file of /mnt/data."""
+    return (result.truncated and item.name in ("stdout.txt", "stderr.txt")
+            and any(f"attached in full as {item.name}" in note for note in result.notes))
 
 
 class ThreadSandbox:
@@ -38,18 +49,88 @@ class ThreadSandbox:
         self.notes: list[str] = []
         self.in_cell = False
         self.cancelled = asyncio.Event()
+        self.store = FilesStore.from_settings(settings)
+        #: the worker's copy of this thread's /mnt/data (bot/files_store.py)
+        self.files: ThreadFiles = self.store.thread(label)
+        self._touched = False
 
     async def ensure(self) -> SandboxSession:
         if self.session is None:
-            self.session, note = await self.manager.acquire(self.state.session_id, self.label)
-            if note:
-                self.notes.append(note)
-                self.state.files.clear()
-            if self.state.session_id != self.session.ref:
-                self.state.session_id = self.session.ref  # names its engine when there are several
+            await self.begin()
+            previous = self.state.session_id
+            session, note = await self.manager.acquire(previous, self.label)
+            if previous not in (session.id, session.ref):
+                # a fresh session: put the thread's files back before anything else runs in it
+                restored = await self._restore(session)
+                if note or restored:
+                    self.notes.append(self._note(note, restored))
+            self.session = session
+            if self.state.session_id != session.ref:
+                self.state.session_id = session.ref  # names its engine when there are several
                 if self.on_new_session is not None:
                     await self.on_new_session()
         return self.session
+
+    async def begin(self) -> None:
+        """Once per job: a new conversation starts with no stored files (one that expired in Redis
+        may have left some), an ongoing one's expiry starts again; expired threads are swept."""
+        if self._touched:
+            return
+        self._touched = True
+        fresh = self.state.session_id is None and not self.state.history and self.state.jobs == 0
+        await asyncio.to_thread(self.files.remove if fresh else self.files.touch)
+        await asyncio.to_thread(self.store.maybe_sweep)
+
+    async def _restore(self, session: SandboxSession) -> tuple[list[str], list[str], bool] | None:
+        """Put the stored files into a fresh ``session``; (restored, not restored, unreturned)."""
+        plain, skipped, unreturned = await asyncio.to_thread(self.files.restore_plan)
+        if not plain and not skipped and not unreturned:
+            return None
+        restored = []
+        for name in plain:
+            data = await asyncio.to_thread(self.files.read, name)
+            if data is None:
+                skipped.append(name)
+                continue
+            try:
+                await session.put_file(name, data)
+            except InputRejected:
+                skipped.append(name)
+                continue
+            except SessionLost:
+                await self.lost(session)
+                raise
+            restored.append(name)
+        self.state.files[:] = [n for n in self.state.files if n in restored]
+        return restored, skipped, unreturned
+
+    @staticmethod
+    def _note(why: str | None, restored: tuple[list[str], list[str], bool] | None) -> str:
+        lead = (why or "This thread has a new Python session.").rstrip()
+        if restored is None:
+            return f"{lead} Python variables were reset; /mnt/data starts empty."
+        names, skipped, unreturned = restored
+        shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+        text = f"{lead} {RESTORED} ({shown})." if names else f"{lead} Python variables were reset."
+        if skipped:
+            text += (" Not restored (in a subfolder, or over this thread's file cap): "
+                     + ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else "") + ".")
+        if unreturned:
+            text += (" Files a cell wrote that were not returned (over the per-cell return caps) could not be "
+                     "restored.")
+        return text
+
+    async def keep(self, result: ExecutionResult) -> None:
+        """Copy the files a cell returned into the thread's store; notes (evictions) go to the result."""
+        for item in result.files:
+            if _full_output(result, item):
+                continue
+            try:
+                result.notes.extend(await asyncio.to_thread(self.files.save, item.name, item.data))
+            except (OSError, ValueError) as exc:
+                log.warning("could not keep %s of %s: %s", item.name, self.label, exc)
+        if any(NOT_RETURNED in note for note in result.notes):
+            await asyncio.to_thread(self.files.mark_unreturned)
 
     async def lost(self, session: SandboxSession) -> None:
         """The session failed under us (died, wedged, sent a malformed reply): its container is
@@ -69,6 +150,7 @@ class ThreadSandbox:
             result = ExecutionResult(error=ErrorInfo("SessionLost", str(exc), f"SessionLost: {exc}"), restarted=True)
         finally:
             self.in_cell = False
+        await self.keep(result)
         if self.cancelled.is_set():
             raise JobCancelled()
         return result, notes
@@ -96,6 +178,10 @@ class ThreadSandbox:
                 except SessionLost:
                     await self.lost(session)
                     raise
+                try:
+                    self.notes.extend(await asyncio.to_thread(self.files.save, name, data))
+                except (OSError, ValueError) as exc:
+                    log.warning("could not keep the upload %s of %s: %s", name, self.label, exc)
                 if name not in self.state.files:
                     self.state.files.append(name)
                 names.append(name)

@@ -94,6 +94,8 @@ class Settings(BaseSettings):
     sandbox_cell_timeout_s: float = Field(30.0, gt=0)
     sandbox_tmp_size: str = "64m"
     sandbox_data_size: str = "256m"
+    #: the worker's copy of each thread's /mnt/data (bot/files_store.py), restored into a fresh session
+    files_dir: str | None = Field(None, description="per-thread file store; unset: ~/.local/share/codeloop/files")
     sandbox_wheelhouse: str | None = Field(
         None, pattern=r"^(/[A-Za-z0-9._@+-]+)+$",
         description="host directory of wheels that %pip / !pip install from, mounted read-only (no internet)",

@@ -44,8 +44,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub.add_parser("ls", help="list sandbox containers")
     sub.add_parser("reap", help="one janitor pass: remove sandboxes idle past the TTL, frozen or not running "
                    "(the ones a worker's janitor would; CODELOOP_SANDBOX_LABELS selects the deployment)")
-    clean = sub.add_parser("clean", help="remove sandbox containers (live sessions lose their state)")
-    clean.add_argument("--label", help="only sandboxes with this codeloop.label (e.g. pool)")
+    clean = sub.add_parser("clean", help="remove sandbox containers (live sessions lose their state) and the "
+                           "threads' stored files (CODELOOP_FILES_DIR)")
+    clean.add_argument("--label", help="only sandboxes with this codeloop.label (e.g. pool); keeps stored files")
 
 
 def _client() -> docker.DockerClient:
@@ -144,6 +145,12 @@ def clean(args: argparse.Namespace) -> int:
             if exc.status_code != 409:  # 409: already being auto-removed
                 raise
     print(f"removed {removed} sandbox container(s)")
+    if args.label is None:
+        from bot.files_store import FilesStore
+        from bot.settings import Settings
+
+        threads = FilesStore.from_settings(Settings.load()).clear()
+        print(f"removed the stored files of {threads} thread(s)")
     return 0
 
 

@@ -46,14 +46,11 @@ if TYPE_CHECKING:
 
 __all__ = ["EngineSet", "EngineSpec", "Sandboxes", "make_sandboxes", "parse_engines"]
 log = logging.getLogger(__name__)
+#: lead sentences: bot/sandbox_link.py adds what became of the variables and the thread's files
 UNREACHABLE_NOTE = (
-    "The previous Python session's sandbox host ({name}) is unreachable; variables and files from "
-    "earlier in this thread are gone, and this is a fresh session on another host."
+    "The previous Python session's sandbox host ({name}) is unreachable; this is a fresh session on another host."
 )
-UNKNOWN_NOTE = (
-    "The previous Python session ran on a sandbox host ({name}) this deployment no longer uses; "
-    "variables and files from earlier in this thread are gone."
-)
+UNKNOWN_NOTE = "The previous Python session ran on a sandbox host ({name}) this deployment no longer uses."
 
 
 class Engine:

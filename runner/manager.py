@@ -214,7 +214,8 @@ class SandboxManager:
     # --- public API -------------------------------------------------------------------------
     async def acquire(self, session_id: str | None, label: str) -> tuple[SandboxSession, str | None]:
         """The thread's session: reattached if its executor answers, else a fresh one (with a note
-        why). A previous session that is lost, frozen or wedged is removed before the new one is made."""
+        why; the worker adds what became of the thread's variables and files, bot/sandbox_link.py). A
+        previous session that is lost, frozen or wedged is removed before the new one is made."""
         note = None
         if session_id:
             session, note = await self.resume(session_id, label)
@@ -229,14 +230,8 @@ class SandboxManager:
         if session is not None:
             return session, None
         if session_id in self._crashed:
-            return None, (
-                "The previous Python session stopped unexpectedly; variables and files from "
-                "earlier in this thread are gone."
-            )
-        return None, (
-            f"The previous Python session expired after {_span(self.config.idle_ttl_s)} idle; "
-            "variables and files from earlier in this thread are gone."
-        )
+            return None, "The previous Python session stopped unexpectedly."
+        return None, f"The previous Python session expired after {_span(self.config.idle_ttl_s)} idle."
 
     async def fresh(self, label: str) -> SandboxSession:
         """A new session for a thread: a warm one from the pool, else one created now."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -67,6 +68,8 @@ def make_settings(key_prefix: str) -> Callable[..., Settings]:
             "sandbox_pool_size": 0,
             "llm_backoff_s": 0.01,
             "sandbox_image": os.environ.get("CODELOOP_TEST_SANDBOX_IMAGE", "codeloop-sandbox:latest"),
+            # the per-thread file store (bot/files_store.py): per test, never the developer's
+            "files_dir": os.path.join(tempfile.gettempdir(), "codeloop-test-files", key_prefix),
         }
         base.update(overrides)
         return Settings.load(**base)

@@ -27,7 +27,8 @@ INPUT_NOT_RUN = (
     "Assign the values directly in the code instead."
 )
 
-SESSION_RESTARTED = "Note: the Python session was restarted; variables and files from earlier are gone."
+SESSION_RESTARTED = ("Note: the Python session was restarted; variables from earlier are gone (files in /mnt/data "
+                     "are kept).")
 
 TIMED_OUT = "Timed out after {seconds:g} s: the cell was interrupted. Make it faster or work on less data."
 

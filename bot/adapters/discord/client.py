@@ -15,7 +15,7 @@ from discord.http import Route
 from bot.adapters.discord.intake import Intake
 from bot.adapters.discord.render import EDIT_INTERVAL_S, Renderer
 from bot.adapters.discord.store import DiscordStore
-from bot.adapters.discord.views import RerunButton, StopButton
+from bot.adapters.discord.views import ExportButton, RerunButton, StopButton
 from bot.queue import JobQueue
 from bot.replies import ReplyReader
 from bot.settings import Settings
@@ -91,7 +91,7 @@ class CodeloopBot(discord.Client):
 
     async def setup_hook(self) -> None:
         # Buttons are matched by custom_id template, so those on old messages work after a restart.
-        self.add_dynamic_items(StopButton, RerunButton)
+        self.add_dynamic_items(StopButton, RerunButton, ExportButton)
 
     async def start(self, token: str, *, reconnect: bool = True) -> None:
         await self.login(token)

@@ -286,6 +286,31 @@ class Intake:
             log.exception("re-run failed to start")
             await interaction.followup.send(f"⚠️ Could not re-run: {_start_failure(exc)}", ephemeral=True)
 
+    async def export(self, interaction: discord.Interaction[Any], job_id: str) -> None:
+        """Anyone the allowlists admit may export: the notebook holds what the thread shows already.
+        An ``export`` job: the worker builds the .ipynb from its record and the reply attaches it."""
+        old = await self.store.job(job_id)
+        if old is None:
+            await interaction.response.send_message("That run is too old; type a request in the thread first.",
+                                                    ephemeral=True)
+            return
+        new_id = uuid.uuid4().hex
+        job = self._job(new_id, str(interaction.id), old.conversation, interaction.user.id, "", [], "export")
+        problem = self._place_refusal(old.conversation) or await self._reserve(interaction.user.id, new_id)
+        if problem:
+            await interaction.response.send_message(problem, ephemeral=True)
+            return
+        await interaction.response.defer()
+        try:
+            thread = self.client.get_partial_messageable(int(old.conversation.thread),
+                                                         guild_id=int(old.conversation.workspace),
+                                                         type=discord.ChannelType.public_thread)
+            await self._start(job, thread)
+        except Exception as exc:
+            await self.store.release(str(interaction.user.id), new_id)
+            log.exception("export failed to start")
+            await interaction.followup.send(f"⚠️ Could not export: {_start_failure(exc)}", ephemeral=True)
+
     async def _rerun_problem(self, interaction: discord.Interaction[Any], old: Job, job: Job) -> str | None:
         if job.kind == "reset":
             return await self.ownership.check_reset(job, known(interaction.permissions.manage_messages), fmt.mention)

@@ -1,4 +1,4 @@
-"""The Stop and Re-run buttons.
+"""The Stop, Re-run and Export buttons.
 
 They are ``DynamicItem``s: the job id travels in the button's ``custom_id`` and the class is
 registered once with ``Client.add_dynamic_items``, so a button posted by an earlier process (or
@@ -19,6 +19,8 @@ class Controls(Protocol):
     async def stop(self, interaction: discord.Interaction[Any], job_id: str) -> None: ...
 
     async def rerun(self, interaction: discord.Interaction[Any], job_id: str) -> None: ...
+
+    async def export(self, interaction: discord.Interaction[Any], job_id: str) -> None: ...
 
 
 class HasControls(Protocol):
@@ -66,6 +68,23 @@ class RerunButton(_ButtonItem, template=r"codeloop:rerun:(?P<job>[0-9a-f]{32})")
         await _controls(interaction).rerun(interaction, self.job_id)
 
 
+class ExportButton(_ButtonItem, template=r"codeloop:export:(?P<job>[0-9a-f]{32})"):
+    """Attach the thread as a Jupyter notebook (built by the worker from its own record)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(discord.ui.Button(label="Export", emoji="📓", style=discord.ButtonStyle.secondary,
+                                           custom_id=f"codeloop:export:{job_id}"))
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction[Any], item: discord.ui.Item[Any],
+                             match: re.Match[str], /) -> ExportButton:
+        return cls(match["job"])
+
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        await _controls(interaction).export(interaction, self.job_id)
+
+
 def running_view(job_id: str) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     view.add_item(StopButton(job_id))
@@ -75,4 +94,5 @@ def running_view(job_id: str) -> discord.ui.View:
 def finished_view(job_id: str) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     view.add_item(RerunButton(job_id))
+    view.add_item(ExportButton(job_id))
     return view

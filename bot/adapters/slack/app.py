@@ -26,7 +26,15 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.adapters.ownership import Ownership
 from bot.adapters.slack.controls import SlackControls
-from bot.adapters.slack.inbound import RESET_SHORTCUT, STOP_ACTION, Inbound, Where, is_dm, translate
+from bot.adapters.slack.inbound import (
+    EXPORT_SHORTCUT,
+    RESET_SHORTCUT,
+    STOP_ACTION,
+    Inbound,
+    Where,
+    is_dm,
+    translate,
+)
 from bot.adapters.slack.render import SlackRenderer
 from bot.jobs import Job
 from bot.queue import EnqueueResult, JobQueue
@@ -87,6 +95,7 @@ class SlackAdapter:
         self.app.event("message")(self.on_event)
         self.app.action(STOP_ACTION)(self.on_stop)
         self.app.shortcut(RESET_SHORTCUT)(self.on_reset)
+        self.app.shortcut(EXPORT_SHORTCUT)(self.on_export)
         self._background: set[asyncio.Task[Any]] = set()
 
     # --- listeners (all return within a Redis round trip or two) ----------------------------------
@@ -138,6 +147,10 @@ class SlackAdapter:
 
     async def on_reset(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         await self.controls.reset_shortcut(body)
+        await ack()
+
+    async def on_export(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await self.controls.export_shortcut(body)
         await ack()
 
     # --- helpers --------------------------------------------------------------------------------------

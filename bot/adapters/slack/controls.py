@@ -1,4 +1,5 @@
-"""Stop and reset on Slack: the Stop button, the "reset session" shortcut, typed ``stop``/``reset``.
+"""Stop, reset and export on Slack: the Stop button, the "reset session" and "Export notebook"
+shortcuts, typed ``stop``/``reset``.
 
 Each is allowed to the job's requester (a reset: the conversation's starter) or a moderator
 (``bot.adapters.ownership``), obeys the same channel, DM and user allowlists as messages, and
@@ -121,6 +122,20 @@ class SlackControls:
             self.tell(where, job.user, [refusal], False)
             return
         await self._reset(job, where)
+
+    # --- export: the "Export notebook" message shortcut ------------------------------------------
+    async def export_shortcut(self, body: dict[str, Any]) -> None:
+        """Anyone the allowlists admit may export: the notebook holds what the thread shows already.
+        The worker builds it from its own record and the file is posted into the thread."""
+        found = reset_job(body, self.reply_stream, kind="export")
+        if found is None:
+            return
+        job, where = found
+        refusal = access_refusal(self.settings, where.channel, job.user)
+        if refusal is not None:
+            self.tell(where, job.user, [refusal], False)
+            return
+        await self.submit(job)
 
     async def _reset(self, job: Job, where: Where) -> None:
         refusal = await self.ownership.check_reset(job, self._is_moderator(job.user), mention)

@@ -24,6 +24,7 @@ from bot.settings import Settings
 DM_THREAD = "dm"
 STOP_ACTION = "codeloop_stop"
 RESET_SHORTCUT = "codeloop_reset"
+EXPORT_SHORTCUT = "codeloop_export"
 # Subtypes that are a person saying something; every other subtype (message_changed, _deleted,
 # channel_join, bot_message, our own edits…) is not a request.
 USER_SUBTYPES = frozenset({None, "file_share", "thread_broadcast"})
@@ -214,8 +215,9 @@ def where_of_action(body: dict[str, Any]) -> Where:
     return Where(channel, str(thread) if thread else None, str(message.get("ts") or ""))
 
 
-def reset_job(body: dict[str, Any], reply_stream: str) -> tuple[Job, Where] | None:
-    """The "reset session" message shortcut → a ``reset`` Job for the thread the message is in."""
+def reset_job(body: dict[str, Any], reply_stream: str, kind: str = "reset") -> tuple[Job, Where] | None:
+    """The "reset session" message shortcut → a ``reset`` Job for the thread the message is in (the
+    "Export notebook" shortcut: an ``export`` Job)."""
     message = body.get("message") or {}
     channel = str((body.get("channel") or {}).get("id") or "")
     if not channel or "ts" not in message:
@@ -225,7 +227,7 @@ def reset_job(body: dict[str, Any], reply_stream: str) -> tuple[Job, Where] | No
     where = where_for(event)
     team = str((body.get("team") or {}).get("id") or "")
     user = str((body.get("user") or {}).get("id") or "")
-    job = Job(idempotency_key=f"reset:{body.get('trigger_id') or message['ts']}",
-              conversation=conversation(team, where), user=user, kind="reset",
+    job = Job(idempotency_key=f"{kind}:{body.get('trigger_id') or message['ts']}",
+              conversation=conversation(team, where), user=user, kind=kind,  # type: ignore[arg-type]
               reply_stream=reply_stream, meta=meta_for(where, user))
     return job, where

@@ -122,3 +122,36 @@ async def test_stop_button_cancels_a_long_cell(make_bot, start_worker, model_ser
     assert time.monotonic() - pressed < 8.0  # well before the 10 s the cell would take
     rendered = " ".join(m["content"] for m in _thread_after(fake_discord, job.conversation.thread, status_id))
     assert "finished" not in rendered.replace("print('finished')", "")
+
+
+async def test_export_button_attaches_the_threads_notebook(make_bot, start_worker, model_server, fake_discord,
+                                                          redis_client):
+    """Export beside Re-run → an export job → the worker's .ipynb attached in the thread; nbformat
+    validates it and the plot is in it. Anyone the allowlists admit may export."""
+    import base64
+
+    import nbformat
+
+    from tests.adapters.discord.rig import BOB
+
+    model_server.script = [PLOT, PLOT_DONE]
+    await start_worker()
+    bot, gw = await make_bot(edit_interval_s=0.3)
+    gw.interaction(gw.slash(ALICE, "plot the first five squares"))
+    entry, job = await next_job(redis_client, bot.settings)
+    status = await _done(fake_discord, job)
+    assert f"codeloop:export:{job.id}" in str(status["components"])
+
+    gw.interaction(gw.button(BOB, status, f"codeloop:export:{job.id}"))
+    _, export = await next_job(redis_client, bot.settings, after=entry)
+    assert export.kind == "export" and export.conversation == job.conversation
+    export_status = await _done(fake_discord, export)
+    files = [a for m in _thread_after(fake_discord, job.conversation.thread, export_status["id"])
+             for a in m["attachments"] if a["filename"].endswith(".ipynb")]
+    assert [a["filename"] for a in files] == [f"{job.conversation.thread}.ipynb"]
+    nb = nbformat.reads(_cdn(fake_discord, files[0]).decode(), as_version=4)
+    nbformat.validate(nb)
+    [code] = [c for c in nb.cells if c.cell_type == "code"]
+    png = next(o.data["image/png"] for o in code.outputs if "image/png" in o.get("data", {}))
+    assert base64.b64decode(png).startswith(PNG_MAGIC)
+    assert any("30" in o.get("text", "") for o in code.outputs)

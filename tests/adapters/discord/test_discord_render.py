@@ -74,7 +74,7 @@ async def test_streamed_text_is_edited_in_place_about_once_per_interval(started,
     assert len(edits) < 10  # 30 deltas coalesced by the edit interval
     assert "✅ Done · 1 round" == run.status()["content"]
     assert [c["custom_id"] for row in run.status()["components"] for c in row["components"]] == [
-        f"codeloop:rerun:{run.job.id}"]
+        f"codeloop:rerun:{run.job.id}", f"codeloop:export:{run.job.id}"]
 
 
 async def test_an_open_code_fence_is_closed_while_streaming(started, fake_discord):

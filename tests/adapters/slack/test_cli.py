@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from bot.adapters.slack import cli
-from bot.adapters.slack.inbound import RESET_SHORTCUT
+from bot.adapters.slack.inbound import EXPORT_SHORTCUT, RESET_SHORTCUT
 from bot.errors import ConfigError
 from bot.settings import Settings
 
@@ -93,8 +93,7 @@ def test_manifest_subscribes_to_what_the_app_handles():
     assert settings["interactivity"]["is_enabled"] is True
     assert set(settings["event_subscriptions"]["bot_events"]) == {
         "app_mention", "message.channels", "message.groups", "message.im"}
-    [shortcut] = manifest["features"]["shortcuts"]
-    assert shortcut["callback_id"] == RESET_SHORTCUT
+    assert [s["callback_id"] for s in manifest["features"]["shortcuts"]] == [RESET_SHORTCUT, EXPORT_SHORTCUT]
     scopes = set(manifest["oauth_config"]["scopes"]["bot"])
     assert scopes == {"app_mentions:read", "chat:write", "reactions:write", "files:read", "files:write",
                       "channels:history", "groups:history", "im:history", "commands", "users:read"}

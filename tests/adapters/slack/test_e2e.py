@@ -149,3 +149,37 @@ async def test_a_stop_stops_only_its_own_job_and_another_users_press_is_refused(
     texts = "\n".join(m["text"] for m in thread())
     assert "slept" in texts and "Slept well." in texts and "B's answer" not in texts
     assert not any("and then answer me" in str(r["messages"]) for r in model_server.requests)  # never ran
+
+
+async def test_export_notebook_shortcut_posts_the_threads_ipynb_into_the_thread(make_rig, start_worker, model_server):
+    """The "Export notebook" message shortcut → an export job → the worker builds the notebook from its
+    own record → the adapter posts it with files_upload_v2 in the thread; nbformat validates it."""
+    import base64
+
+    import nbformat
+
+    model_server.script = [PLOT, PLOT_DONE]
+    rig = await make_rig()
+    await start_worker(slack_bot_token=rig.fake.token)
+    fake = rig.fake
+    first = mention("<@UBOT> define x = 21 and plot a line")
+    assert (await rig.post_event(event_body(first, "EvPlot"))).status == 200
+    await fake.wait_for(lambda: done(fake, first["ts"]), within=120)
+
+    shortcut = {"type": "message_action", "callback_id": "codeloop_export", "trigger_id": "tx",
+                "team": {"id": "T0001"}, "user": {"id": "U0002"}, "channel": {"id": CHANNEL},
+                "message": {"ts": first["ts"], "text": "define x"}}
+    assert (await rig.post_interaction(shortcut)).status == 200
+    await fake.wait_for(lambda: [u for u in fake.uploads.values() if u.filename.endswith(".ipynb") and u.channel],
+                        within=60)  # completed (files.completeUploadExternal names the channel)
+    [upload] = [u for u in fake.uploads.values() if u.filename.endswith(".ipynb")]
+    assert (upload.channel, upload.thread_ts) == (CHANNEL, first["ts"])
+    assert upload.filename == f"{first['ts']}.ipynb"
+    nb = nbformat.reads(upload.data.decode(), as_version=4)
+    nbformat.validate(nb)
+    [code] = [c for c in nb.cells if c.cell_type == "code"]
+    assert "x = 21" in code.source
+    png = next(o.data["image/png"] for o in code.outputs if "image/png" in o.get("data", {}))
+    assert base64.b64decode(png).startswith(PNG_MAGIC)
+    assert any("x is 21" in o.get("text", "") for o in code.outputs)
+    assert [j.kind for j in await rig.jobs()] == ["message", "export"]

@@ -1,0 +1,73 @@
+"""A thread's notebook as the worker keeps it, so any adapter replica can export it (issue 16 item 6).
+
+Each message job records its cells (``bot.notebook.NotebookRecorder`` fed with the job's own events)
+and appends them to ``notebook.json`` in the thread's folder of the file store (bot/files_store.py):
+the same isolation, cap, expiry and reset as the thread's files. An ``export`` job answers with the
+validated .ipynb as a ``file`` event; Slack posts it into the thread, Discord attaches it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from bot.files_store import ThreadFiles
+from bot.notebook import NotebookRecorder, dumps, nbformat, to_notebook
+
+NOTEBOOK = "notebook.json"
+DROPPED = "[image dropped: this thread's notebook is over its size cap]"
+
+
+def _path(files: ThreadFiles) -> str:
+    return os.path.join(files.folder, NOTEBOOK)
+
+
+def load_cells(files: ThreadFiles) -> list[Any]:
+    try:
+        with open(_path(files), "rb") as fh:
+            cells = json.load(fh)
+    except (OSError, ValueError):
+        return []
+    return [nbformat.from_dict(cell) for cell in cells] if isinstance(cells, list) else []
+
+
+def recorder_for(files: ThreadFiles, title: str) -> NotebookRecorder:
+    """A recorder that numbers its code cells after the thread's earlier ones."""
+    recorder = NotebookRecorder(title=title)
+    recorder._count = sum(1 for cell in load_cells(files) if cell.get("cell_type") == "code")
+    return recorder
+
+
+def append(files: ThreadFiles, recorder: NotebookRecorder) -> None:
+    """Add a job's cells to the thread's notebook; over the thread's cap, the oldest images go first."""
+    if not recorder.cells:
+        return
+    cells = load_cells(files) + list(recorder.cells)
+    text = json.dumps(cells)
+    for cell in cells:
+        if len(text) <= files.cap:
+            break
+        for out in cell.get("outputs", []):
+            data = out.get("data") or {}
+            if any(mime.startswith("image/") for mime in data):
+                out["data"] = {"text/plain": DROPPED}
+        text = json.dumps(cells)
+    files.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = f"{_path(files)}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, _path(files))
+
+
+def export(files: ThreadFiles, title: str) -> bytes | None:
+    """The thread as a validated nbformat v4 notebook (None when nothing was recorded)."""
+    cells = load_cells(files)
+    if not cells:
+        return None
+    return dumps(to_notebook(cells, title)).encode()
+
+
+def file_name(title: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in title).strip("-.") or "thread"
+    return f"{safe[-80:]}.ipynb"
