@@ -50,7 +50,9 @@ async def test_an_export_job_answers_with_a_valid_notebook_holding_the_plot(
     assert final.type == "final" and final.payload.get("export") is True
     payload = await exported(redis_client, reply, final.job_id)
     assert payload["name"] == f"{conv('N').thread}.ipynb" and payload["mime"] == "application/x-ipynb+json"
-    nb = nbformat.reads(base64.b64decode(payload["data_b64"]).decode(), as_version=4)
+    raw = await redis_client.get(payload["blob"])  # file bytes travel as a blob, never in the stream
+    assert raw is not None
+    nb = nbformat.reads(raw.decode(), as_version=4)
     nbformat.validate(nb)
     kinds = [cell.cell_type for cell in nb.cells]
     assert kinds.count("code") == 2 and kinds[0] == "markdown"
