@@ -24,6 +24,7 @@ FENCE = "```"
 _FENCE_HEADER = re.compile(r"```[\w+#.-]*")
 # An HTML entity cut in half renders as garbage (Slack escapes & < > this way).
 _ENTITY_TAIL = re.compile(r"&[#\w]{0,8}$")
+_HEADING = re.compile(r"#{1,6} \S|-# \S")  # a Markdown heading (Discord: also -# subtext)
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
 
 # Executables and disk images: no analysis task needs them, and they are the usual payload of
@@ -202,15 +203,30 @@ def split_message(text: str, limit: int) -> list[str]:
             after = _fence_after(header, piece)
             closing = len(FENCE) + 1 if after is not None else 0
             if buf and len(buf) + len(piece) + closing > limit:
+                carry = _orphan_heading(buf) if header is None else ""
+                if carry and len(carry) + len(piece) + closing <= limit:
+                    buf = buf[: -len(carry)]  # a heading goes down with the text it heads
+                else:
+                    carry = ""
                 if header is not None:
                     buf += FENCE if buf.endswith("\n") else "\n" + FENCE
                 chunks.append(buf)
-                buf = header + "\n" if header is not None else ""
+                buf = (header + "\n" if header is not None else "") + carry
             buf += piece
             header = after
     if buf.strip() or not chunks:
         chunks.append(buf)
     return chunks
+
+
+def _orphan_heading(buf: str) -> str:
+    """The heading line (with the blank lines after it) that ``buf`` ends on, when something
+    comes before it; "" otherwise."""
+    body = buf.rstrip("\n")
+    start = body.rfind("\n") + 1
+    if start == 0 or not _HEADING.match(body[start:]) or not body[:start].strip():
+        return ""
+    return buf[start:]
 
 
 def _pieces(line: str, size: int) -> list[str]:

@@ -77,3 +77,32 @@ def test_error_and_status_lines_are_inert_too():
         "⚠️ `[a] (https://evil.example)` was not fetched"
     assert "](" not in fmt.status_line("reading [x](https://evil.example)")
     assert "](" not in fmt.header("<@1>", "[x](https://evil.example)", [])
+
+
+def _doc(pad: int) -> str:
+    sections = []
+    for i in range(8):
+        prose = "x" * pad + " " + "word " * (40 + 13 * i)
+        code = "\n".join(f"value_{i}_{j} = {j} * 2" for j in range(25 + i))
+        sections.append(f"## Section {i}\n\n{prose}\n```python\n{code}\n```\nSo section {i} is done.\n")
+    return "# Report\n" + "".join(sections)
+
+
+def test_headings_and_fences_survive_the_2000_character_splits():
+    for pad in range(0, 400, 7):
+        text = _doc(pad)
+        chunks = fmt.stream_chunks(text)
+        assert "".join(chunks).count("```python") >= 8
+        for n, chunk in enumerate(chunks):
+            assert len(chunk) <= fmt.MESSAGE_LIMIT and chunk.count("```") % 2 == 0, (pad, n)
+            last_line = chunk.rstrip("\n").rsplit("\n", 1)[-1]
+            # a heading is never left alone at the bottom of a message, away from its text
+            assert not last_line.startswith("#"), (pad, n, last_line)
+        lines = "".join(chunks).split("\n")
+        for i in range(8):  # each heading whole, once, at a line start (where Discord renders it)
+            assert lines.count(f"## Section {i}") == 1, (pad, i)
+        assert all(f"value_{i}_{j} = {j} * 2" in lines for i in range(8) for j in range(25 + i))
+        # a message cut inside code re-opens it with its language
+        for chunk in chunks[1:]:
+            if not chunk.startswith("##") and "```" in chunk.split("\n", 1)[0]:
+                assert chunk.startswith("```python\n"), (pad, chunk[:40])

@@ -53,7 +53,7 @@ async def test_mention_streams_code_output_and_plot_then_follow_up_reuses_the_se
     assert status["text"].startswith(":white_check_mark: Done")
     joined = "\n".join(texts)
     assert "I'll define x and plot a line." in joined
-    assert '```python\nimport matplotlib.pyplot as plt\nx = 21' in joined
+    assert '```\nimport matplotlib.pyplot as plt\nx = 21' in joined
     assert "*Output*" in joined and "x is 21" in joined
     assert PLOT_DONE in texts[-1]
     first_body = thread[1]

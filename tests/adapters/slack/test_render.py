@@ -60,7 +60,7 @@ async def test_streamed_reply_code_output_image_and_final_status(make_rig):
     status, body = thread[0], [m["text"] for m in thread[1:]]
     assert status["text"] == ":white_check_mark: Done (1 round)"
     assert all(b["type"] != "actions" for b in status["blocks"])  # Stop button gone
-    assert body[0].startswith("Let me compute it.\n```python\nimport math\nprint(math.pi)\n```")
+    assert body[0].startswith("Let me compute it.\n```\nimport math\nprint(math.pi)\n```")
     assert body[0].count("print(math.pi)") == 1  # the code event did not repeat the fenced code
     assert "*Output*" in body[0] and "3.141592653589793 &lt;class 'float'&gt;" in body[0]
     assert body[1] == "Pi is about 3.14159."  # after the image, in its own message below it
@@ -105,7 +105,7 @@ async def test_long_reply_is_split_without_breaking_code_fences(make_rig):
     assert len(body) >= 3
     for text in body:
         assert len(text) <= 3900 and fences_balanced(text)
-    assert all(t.startswith("```python\n") for t in body[1:])
+    assert all(t.startswith("```\n") for t in body[1:])
     joined = "".join(body)
     assert all(f"value_{i} = {i} * 2" in joined for i in range(200))
 
