@@ -28,6 +28,9 @@ SCHEMA_VERSION: Literal[1] = 1
 
 JobKind = Literal["message", "stop", "reset"]
 EventType = Literal["status", "delta", "code", "output", "image", "file", "final", "error"]
+#: the files a sandbox returns with a flooded stream's full text (runner/sandbox/files.py); an
+#: ``output`` event lists those that follow it as ``full_output_files``
+FULL_OUTPUT_FILES = ("stdout.txt", "stderr.txt")
 TERMINAL_EVENTS: frozenset[str] = frozenset({"final", "error"})
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

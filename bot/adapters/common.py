@@ -11,12 +11,12 @@ attached full text. (Concurrent acks' enqueues share a Redis round trip in ``Job
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from bot.errors import InputRejected
-from bot.jobs import JobKind, encodable
+from bot.jobs import FULL_OUTPUT_FILES, JobKind, encodable
 from bot.settings import Settings
 
 FENCE = "```"
@@ -179,6 +179,16 @@ def truncate_output(text: str, limit: int, attachment: str = "the attached file"
     omitted = len(text) - head - tail
     kept_tail = text[len(text) - tail:] if tail else ""
     return Truncated(text[:head] + _omitted_note(omitted, attachment) + kept_tail, True, omitted)
+
+
+def sandbox_full_output(payload: Mapping[str, Any]) -> list[str]:
+    """The files holding a flooded cell's full output that the sandbox sends after this
+    ``output`` event (``stdout.txt``, ``stderr.txt``). When there are any, the adapter attaches
+    no ``output.txt`` of its own: one copy of the output, named for what it holds."""
+    names = payload.get("full_output_files")
+    if not payload.get("truncated") or payload.get("full_text") or not isinstance(names, list):
+        return []
+    return [n for n in FULL_OUTPUT_FILES if n in names]
 
 
 def _omitted_note(omitted: int, attachment: str) -> str:

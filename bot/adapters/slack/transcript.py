@@ -12,7 +12,7 @@ import binascii
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.adapters.common import code_block, split_message, truncate_output
+from bot.adapters.common import code_block, sandbox_full_output, split_message, truncate_output
 from bot.adapters.slack.markdown import escape as escape  # re-exported: adapters escape with it
 from bot.adapters.slack.markdown import to_mrkdwn
 from bot.blobs import missing_note
@@ -121,12 +121,18 @@ class Transcript:
     def _output(self, p: dict[str, Any]) -> Attach | None:
         text = str(p.get("text") or "")
         full = str(p.get("full_text") or text)
-        shown = truncate_output(text, OUTPUT_LIMIT, "output.txt")
+        sandbox_files = sandbox_full_output(p)  # the sandbox attaches these: no second copy
+        where = " and ".join(sandbox_files) or "output.txt"
+        shown = truncate_output(text, OUTPUT_LIMIT, where)
         attach = None
         notes = []
-        if p.get("truncated") or shown.truncated:
+        if sandbox_files:
+            notes.append(f"truncated; full output attached as {where}")
+        elif shown.truncated or (p.get("truncated") and p.get("full_text")):
             attach = Attach("output.txt", full.encode(), "text/plain", "Full output")
             notes.append("truncated; full output attached")
+        elif p.get("truncated"):
+            notes.append("truncated")
         if p.get("timed_out"):
             notes.append("timed out")
         duration = p.get("duration_s")

@@ -122,3 +122,28 @@ async def test_stop_button_cancels_a_long_cell(make_bot, start_worker, model_ser
     assert time.monotonic() - pressed < 8.0  # well before the 10 s the cell would take
     rendered = " ".join(m["content"] for m in _thread_after(fake_discord, job.conversation.thread, status_id))
     assert "finished" not in rendered.replace("print('finished')", "")
+
+
+FLOOD = """Printing a lot.
+```python
+for i in range(3000):
+    print(f"row {i:05d} " + "y" * 20)
+```"""
+
+
+async def test_a_flooded_cell_posts_one_file_with_its_full_output(
+        make_bot, start_worker, model_server, fake_discord, redis_client):
+    model_server.script = [FLOOD, "All rows printed."]
+    await start_worker()
+    bot, gw = await make_bot(edit_interval_s=0.3)
+    gw.interaction(gw.slash(ALICE, "print 3000 rows"))
+    _, job = await next_job(redis_client, bot.settings)
+    status = await _done(fake_discord, job)
+    messages = _thread_after(fake_discord, job.conversation.thread, status["id"])
+    attachments = [a for m in messages for a in m["attachments"]]
+    printed = "".join(f"row {i:05d} " + "y" * 20 + "\n" for i in range(3000))
+    # one copy: the sandbox's stdout.txt, not a second output.txt from the adapter
+    assert [a["filename"] for a in attachments] == ["stdout.txt"]
+    assert _cdn(fake_discord, attachments[0]).decode() == printed
+    [output] = [m["content"] for m in messages if m["content"].startswith("**Output**")]
+    assert "full output in `stdout.txt`" in output and len(output) <= 2000

@@ -106,3 +106,16 @@ def test_headings_and_fences_survive_the_2000_character_splits():
         for chunk in chunks[1:]:
             if not chunk.startswith("##") and "```" in chunk.split("\n", 1)[0]:
                 assert chunk.startswith("```python\n"), (pad, chunk[:40])
+
+
+def test_a_flooded_cell_names_the_sandboxs_files_and_attaches_no_copy():
+    text = "a" * 10000 + "\n... [output truncated] ...\n" + "z" * 10000
+    content, upload = fmt.output_message({"text": text, "truncated": True,
+                                          "full_output_files": ["stdout.txt", "stderr.txt"]})
+    assert upload is None and len(content) <= fmt.MESSAGE_LIMIT
+    assert content.startswith("**Output** · full output in `stdout.txt` and `stderr.txt`")
+    content, upload = fmt.output_message({"text": "short", "truncated": True, "full_output_files": ["stdout.txt"]})
+    assert upload is None and "truncated, full output in `stdout.txt`" in content and "short" in content
+    # a long output the sandbox did not cut is the adapter's to attach, whole, as output.txt
+    content, upload = fmt.output_message({"text": "b" * 5000, "truncated": False, "full_output_files": []})
+    assert upload == fmt.Upload("output.txt", b"b" * 5000)

@@ -149,3 +149,27 @@ async def test_a_stop_stops_only_its_own_job_and_another_users_press_is_refused(
     texts = "\n".join(m["text"] for m in thread())
     assert "slept" in texts and "Slept well." in texts and "B's answer" not in texts
     assert not any("and then answer me" in str(r["messages"]) for r in model_server.requests)  # never ran
+
+
+FLOOD = """Printing a lot.
+```python
+for i in range(3000):
+    print(f"row {i:05d} " + "y" * 20)
+```"""
+
+
+async def test_a_flooded_cell_posts_one_file_with_its_full_output(make_rig, start_worker, model_server):
+    model_server.script = [FLOOD, "All rows printed."]
+    rig = await make_rig(edit_interval=0.2)
+    await start_worker(slack_bot_token=rig.fake.token)
+    fake = rig.fake
+    event = mention("<@UBOT> print 3000 rows")
+    assert (await rig.post_event(event_body(event))).status == 200
+    await fake.wait_for(lambda: done(fake, event["ts"]), within=120)
+    printed = "".join(f"row {i:05d} " + "y" * 20 + "\n" for i in range(3000))
+    # one copy: the sandbox's stdout.txt, not a second output.txt from the adapter
+    [upload] = [u for u in fake.uploads.values() if u.thread_ts == event["ts"]]
+    assert upload.filename == "stdout.txt" and upload.data.decode() == printed
+    texts = "\n".join(m["text"] for m in fake.thread(CHANNEL, event["ts"]))
+    assert "full output attached as stdout.txt" in texts and "output.txt`" not in texts
+    assert "row 00000" in texts and "row 02999" in texts

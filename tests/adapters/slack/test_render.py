@@ -191,3 +191,21 @@ async def test_files_come_from_blobs_which_are_deleted_once_uploaded(make_rig):
     body = "\n".join(m["text"] for m in rig.fake.thread(CHANNEL, event["ts"])[1:])
     assert "`&lt;!channel&gt;.bin` expired before it could be shown" in body
     assert "`huge.bin` was not sent: this answer's files are over the 64.0 MB limit." in body
+
+
+async def test_a_flooded_cells_output_is_attached_once_as_the_sandboxs_stdout_txt(make_rig):
+    rig = await make_rig(edit_interval=0.05)
+    event, _job, emit = await start_job(rig)
+    full = "".join(f"row {i}\n" for i in range(30000))
+    head_tail = full[:10000] + "\n... [output truncated: full output in stdout.txt] ...\n" + full[-10000:]
+    await emit("output", text=head_tail, truncated=True, full_output_files=["stdout.txt"],
+               error=None, timed_out=False, duration_s=0.2)
+    await emit("file", name="stdout.txt", mime="text/plain", size=len(full),
+               data_b64=base64.b64encode(full.encode()).decode())
+    await emit("final", text="Done.", rounds=0, ok=True)
+    await rig.fake.wait_for(lambda: rig.fake.reactions)
+    [upload] = rig.fake.uploads.values()
+    assert upload.filename == "stdout.txt" and upload.data.decode() == full
+    body = rig.fake.thread(CHANNEL, event["ts"])[1]["text"]
+    assert "truncated; full output attached as stdout.txt" in body and "full output in stdout.txt" in body
+    assert "output.txt" not in body.replace("stdout.txt", "") and len(body) < 3900
