@@ -132,6 +132,9 @@ class Job(CleanStrings):
     created_at: float = Field(default_factory=time.time)
     #: position in its conversation, assigned by the queue at enqueue (order per thread)
     seq: int = 0
+    #: what was said before the bot was brought in (a thread's earlier messages, read by the
+    #: adapter): given to the model with this turn's text; untrusted, like the text itself
+    context: str = ""
     #: adapter-private data echoed back on every event (e.g. Slack message ts to edit)
     meta: dict[str, Any] = Field(default_factory=dict)
 
