@@ -19,7 +19,7 @@ import aiohttp
 from bot import metrics, thread_notebook
 from bot.adapters.common import InputLimits, Upload, check_upload
 from bot.agent.loop import Turn
-from bot.agent.prompts import SYSTEM_PROMPT, files_note
+from bot.agent.prompts import SYSTEM_PROMPT, THREAD_CONTEXT_ASK, THREAD_CONTEXT_INTRO, files_note
 from bot.blobs import BlobStore, JobBlobs, MemoryGuard
 from bot.downloads import DownloadPolicy
 from bot.errors import CodeloopError, InputRejected, JobCancelled, Refused, ServiceBusy
@@ -195,6 +195,9 @@ class JobRun:
         self.notebook = await asyncio.to_thread(thread_notebook.recorder_for, self.sandbox.files,
                                                 job.conversation.key)
         self.notebook.user(text)
+        if job.context.strip():  # the thread the bot was just brought into
+            context = job.context.strip()[-self.settings.thread_context_chars:]
+            text = f"{THREAD_CONTEXT_INTRO}\n{context}\n\n{THREAD_CONTEXT_ASK}\n{text}".strip()
         reply = await turn.run(text, self.emit, self.sandbox)
         self._record(state, turn)
         metrics.ROUNDS.observe(turn.rounds)

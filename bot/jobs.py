@@ -28,6 +28,9 @@ SCHEMA_VERSION: Literal[1] = 1
 
 JobKind = Literal["message", "stop", "reset", "export"]
 EventType = Literal["status", "delta", "code", "output", "image", "file", "final", "error"]
+#: the files a sandbox returns with a flooded stream's full text (runner/sandbox/files.py); an
+#: ``output`` event lists those that follow it as ``full_output_files``
+FULL_OUTPUT_FILES = ("stdout.txt", "stderr.txt")
 TERMINAL_EVENTS: frozenset[str] = frozenset({"final", "error"})
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -129,6 +132,9 @@ class Job(CleanStrings):
     created_at: float = Field(default_factory=time.time)
     #: position in its conversation, assigned by the queue at enqueue (order per thread)
     seq: int = 0
+    #: what was said before the bot was brought in (a thread's earlier messages, read by the
+    #: adapter): given to the model with this turn's text; untrusted, like the text itself
+    context: str = ""
     #: adapter-private data echoed back on every event (e.g. Slack message ts to edit)
     meta: dict[str, Any] = Field(default_factory=dict)
 

@@ -164,6 +164,9 @@ class Settings(BaseSettings):
     slack_moderators: CSV = Field(
         default_factory=list,
         description="user ids who may stop, re-run or reset anyone's run (besides workspace admins and owners)")
+    #: a first mention inside an existing thread reads its earlier messages (newest kept) for the model
+    thread_context_messages: int = Field(30, ge=0, le=200, description="earlier thread messages read; 0 = none")
+    thread_context_chars: int = Field(6000, ge=0, le=50_000, description="characters of them the model gets")
 
     # --- Discord ----------------------------------------------------------------------------
     discord_token: SecretStr | None = None

@@ -11,12 +11,12 @@ attached full text. (Concurrent acks' enqueues share a Redis round trip in ``Job
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from bot.errors import InputRejected
-from bot.jobs import JobKind, encodable
+from bot.jobs import FULL_OUTPUT_FILES, JobKind, encodable
 from bot.settings import Settings
 
 FENCE = "```"
@@ -24,6 +24,7 @@ FENCE = "```"
 _FENCE_HEADER = re.compile(r"```[\w+#.-]*")
 # An HTML entity cut in half renders as garbage (Slack escapes & < > this way).
 _ENTITY_TAIL = re.compile(r"&[#\w]{0,8}$")
+_HEADING = re.compile(r"#{1,6} \S|-# \S")  # a Markdown heading (Discord: also -# subtext)
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
 
 # Executables and disk images: no analysis task needs them, and they are the usual payload of
@@ -180,6 +181,16 @@ def truncate_output(text: str, limit: int, attachment: str = "the attached file"
     return Truncated(text[:head] + _omitted_note(omitted, attachment) + kept_tail, True, omitted)
 
 
+def sandbox_full_output(payload: Mapping[str, Any]) -> list[str]:
+    """The files holding a flooded cell's full output that the sandbox sends after this
+    ``output`` event (``stdout.txt``, ``stderr.txt``). When there are any, the adapter attaches
+    no ``output.txt`` of its own: one copy of the output, named for what it holds."""
+    names = payload.get("full_output_files")
+    if not payload.get("truncated") or payload.get("full_text") or not isinstance(names, list):
+        return []
+    return [n for n in FULL_OUTPUT_FILES if n in names]
+
+
 def _omitted_note(omitted: int, attachment: str) -> str:
     return f"\n… {omitted:,} characters omitted; full output in {attachment} …\n"
 
@@ -202,15 +213,30 @@ def split_message(text: str, limit: int) -> list[str]:
             after = _fence_after(header, piece)
             closing = len(FENCE) + 1 if after is not None else 0
             if buf and len(buf) + len(piece) + closing > limit:
+                carry = _orphan_heading(buf) if header is None else ""
+                if carry and len(carry) + len(piece) + closing <= limit:
+                    buf = buf[: -len(carry)]  # a heading goes down with the text it heads
+                else:
+                    carry = ""
                 if header is not None:
                     buf += FENCE if buf.endswith("\n") else "\n" + FENCE
                 chunks.append(buf)
-                buf = header + "\n" if header is not None else ""
+                buf = (header + "\n" if header is not None else "") + carry
             buf += piece
             header = after
     if buf.strip() or not chunks:
         chunks.append(buf)
     return chunks
+
+
+def _orphan_heading(buf: str) -> str:
+    """The heading line (with the blank lines after it) that ``buf`` ends on, when something
+    comes before it; "" otherwise."""
+    body = buf.rstrip("\n")
+    start = body.rfind("\n") + 1
+    if start == 0 or not _HEADING.match(body[start:]) or not body[:start].strip():
+        return ""
+    return buf[start:]
 
 
 def _pieces(line: str, size: int) -> list[str]:

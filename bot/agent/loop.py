@@ -18,6 +18,7 @@ from bot.agent import prompts
 from bot.agent.code import calls_input, last_python_block
 from bot.agent.feedback import chat_output, model_feedback
 from bot.errors import InputRejected
+from bot.jobs import FULL_OUTPUT_FILES
 from bot.llm.base import ChatMessage, GenerationParams, ModelClient
 from runner.results import ExecutionResult
 
@@ -101,9 +102,12 @@ class Turn:
         for note in notes:
             await emit("status", {"text": note})
         error = {"name": result.error.name, "value": result.error.value} if result.error else None
+        # A flooded stream comes back in full as the sandbox's stdout.txt / stderr.txt (file events
+        # below): the adapters name those instead of attaching a second copy.
+        full = [f.name for f in result.files if f.name in FULL_OUTPUT_FILES] if result.truncated else []
         await emit("output", {"text": chat_output(result), "truncated": result.truncated, "error": error,
                               "timed_out": result.timed_out, "oom_killed": result.oom_killed,
-                              "duration_s": round(result.duration_s, 4)})
+                              "duration_s": round(result.duration_s, 4), "full_output_files": full})
         names = []
         for mime, data in result.images:
             self.images += 1

@@ -41,3 +41,7 @@ def image_placeholder(name: str) -> str:
 
 def files_note(names: list[str]) -> str:
     return "[files uploaded to /mnt/data: " + ", ".join(names) + "]"
+
+#: around a thread's earlier messages, when the bot is first brought into an existing thread
+THREAD_CONTEXT_INTRO = "Earlier messages in this thread, before you were asked (oldest first):"
+THREAD_CONTEXT_ASK = "Now the request to you:"

@@ -157,6 +157,7 @@ class FakeDiscord(HTTPRecorder[Call]):
             ("GET", rf"/webhooks/{app}/([\w.-]+)/messages/(@original|\d+)", self._webhook_get),
             ("POST", rf"/webhooks/{app}/([\w.-]+)", self._followup),
             ("POST", r"/channels/(\d+)/messages", self._create),
+            ("GET", r"/channels/(\d+)/messages", self._history),
             ("PATCH", r"/channels/(\d+)/messages/(\d+)", lambda c, ch, m: self._edit(int(m), c)),
             ("DELETE", r"/channels/(\d+)/messages/(\d+)", self._delete),
             ("POST", r"/channels/(\d+)/messages/(\d+)/threads", self._thread),
@@ -200,6 +201,13 @@ class FakeDiscord(HTTPRecorder[Call]):
             msg["attachments"] = [self.add_cdn_file(channel, name, data) for _, (name, data) in ordered]
         self.messages[int(msg["id"])] = msg
         return msg
+
+    def _history(self, call: Call, channel_id: str) -> list[dict[str, Any]]:
+        """A channel's messages newest first, ``before`` a message id, at most ``limit`` (≤ 100)."""
+        before = int(call.query.get("before") or 1 << 63)
+        limit = min(int(call.query.get("limit") or 50), 100)
+        older = [m for m in self.in_channel(channel_id) if int(m["id"]) < before]
+        return list(reversed(older))[:limit]
 
     def _create(self, call: Call, channel_id: str) -> dict[str, Any]:
         return self._store(self.message(channel_id), call)

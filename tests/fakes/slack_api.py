@@ -58,6 +58,8 @@ class FakeSlackAPI(HTTPRecorder[Call]):
         self.team_id = team_id
         self.messages: dict[tuple[str, str], dict[str, Any]] = {}
         self.uploads: dict[str, Upload] = {}
+        #: people's messages (``add_message``): conversations.replies reads them with the bot's
+        self.people: dict[tuple[str, str], dict[str, Any]] = {}
         self.reactions: list[tuple[str, str, str]] = []
         self.users: dict[str, dict[str, Any]] = {}
         self._files: dict[str, tuple[bytes, str]] = {}
@@ -93,6 +95,17 @@ class FakeSlackAPI(HTTPRecorder[Call]):
         url = f"{self.base}/files/{key}/{name}"
         return {"id": key, "name": name, "title": name, "mimetype": mime, "filetype": name.rsplit(".", 1)[-1],
                 "size": len(data), "url_private": url, "url_private_download": url}
+
+    def add_message(self, channel: str, user: str, text: str, thread_ts: str | None = None,
+                    **extra: Any) -> dict[str, Any]:
+        """A person's message already in ``channel`` (in the thread ``thread_ts``, or a new
+        top-level one that a thread can hang from); ``extra``: files, user_profile…"""
+        ts = self._next_ts()
+        message = {"type": "message", "user": user, "text": text, "ts": ts, "thread_ts": thread_ts, **extra}
+        self.people[(channel, ts)] = message
+        if thread_ts is not None and (channel, thread_ts) in self.people:
+            self.people[(channel, thread_ts)]["thread_ts"] = thread_ts  # a parent carries its own ts
+        return message
 
     def set_user(self, user_id: str, **fields: Any) -> None:
         """What users.info says about a user, e.g. ``set_user("U1", is_admin=True)``."""
@@ -208,7 +221,15 @@ class FakeSlackAPI(HTTPRecorder[Call]):
         return {"user": {**base, **self.users.get(user, {})}}
 
     def _m_conversations_replies(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"messages": self.thread(args["channel"], args["ts"]), "has_more": False}
+        """The thread oldest first, the parent included, at most ``limit`` (Slack's paging)."""
+        channel, ts = args["channel"], args["ts"]
+        people = [m for (ch, _), m in self.people.items()
+                  if ch == channel and (m["ts"] == ts or m.get("thread_ts") == ts)]
+        found = sorted([*people, *self.thread(channel, ts)], key=lambda m: float(m["ts"]))
+        if not found:
+            return {"error": "thread_not_found"}
+        limit = int(args.get("limit") or 1000)
+        return {"messages": found[:limit], "has_more": len(found) > limit}
 
     def _m_files_getUploadURLExternal(self, args: dict[str, Any]) -> dict[str, Any]:
         file_id = f"F{next(self._ids):06d}"

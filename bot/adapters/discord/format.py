@@ -9,7 +9,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from bot.adapters.common import FENCE, code_block, human_size, split_message, truncate_output
+from bot.adapters.common import (
+    FENCE,
+    code_block,
+    human_size,
+    sandbox_full_output,
+    split_message,
+    truncate_output,
+)
 
 MESSAGE_LIMIT = 2000  # characters of content per message
 MAX_FILES = 10  # attachments per message
@@ -91,7 +98,14 @@ def output_message(payload: dict[str, Any]) -> tuple[str, Upload | None]:
         return f"{head}\n*(no output)*", None
     inline = f"{head}\n{code_block(text)}"
     full = str(payload.get("full_text") or text)
-    if len(inline) <= MESSAGE_LIMIT and not payload.get("truncated"):
+    sandbox_files = sandbox_full_output(payload)  # the sandbox attaches these: no second copy
+    if sandbox_files:
+        where = " and ".join(f"`{n}`" for n in sandbox_files)
+        if len(inline) <= MESSAGE_LIMIT:
+            return f"{head} · truncated, full output in {where}\n{code_block(text)}", None
+        preview = truncate_output(text, OUTPUT_PREVIEW, where).text
+        return f"{head} · full output in {where}\n{code_block(preview)}", None
+    if len(inline) <= MESSAGE_LIMIT and not payload.get("full_text"):
         return inline, None
     preview = truncate_output(text, OUTPUT_PREVIEW, "`output.txt`").text
     return f"{head} · {len(full):,} characters, attached\n{code_block(preview)}", Upload("output.txt",

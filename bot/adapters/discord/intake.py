@@ -30,6 +30,7 @@ from bot.adapters.common import (
     partition_uploads,
 )
 from bot.adapters.discord import format as fmt
+from bot.adapters.discord.context import thread_context
 from bot.adapters.discord.store import DiscordStore
 from bot.adapters.discord.views import running_view
 from bot.adapters.ownership import Ownership, known, not_yours
@@ -154,9 +155,12 @@ class Intake:
         await interaction.response.defer(thinking=True)
         try:
             head = fmt.header(interaction.user.mention, text, [file.filename] if file else [])
+            context = await self._context(channel, interaction.id)
             conversation, target = await self._thread(interaction, head, text)
             job = self._job(job_id, str(interaction.id), conversation, interaction.user.id, text,
                             [_attachment(file)] if file else [])
+            if context:
+                job = job.model_copy(update={"context": context})
             await self._start(job, target)
         except Exception as exc:
             await self.store.release(str(interaction.user.id), job_id)
@@ -164,6 +168,14 @@ class Intake:
                 await self.queue.release_admission(admitted)
             log.exception("/code failed to start")
             await interaction.edit_original_response(content=f"⚠️ Could not start: {_start_failure(exc)}")
+
+    async def _context(self, channel: object, before: int) -> str:
+        """A thread's earlier messages when /code is first used inside it (not one of ours yet)."""
+        if not isinstance(channel, discord.Thread) or await self.store.thread(channel.id) is not None:
+            return ""
+        bot_id = self.client.user.id if self.client.user else None
+        return await thread_context(channel, before, bot_id, max_messages=self.settings.thread_context_messages,
+                                    max_chars=self.settings.thread_context_chars)
 
     async def _thread(self, interaction: discord.Interaction[Any], head: str,
                       prompt: str) -> tuple[Conversation, Messageable]:

@@ -25,6 +25,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.adapters.ownership import Ownership
+from bot.adapters.slack.context import thread_context
 from bot.adapters.slack.controls import SlackControls
 from bot.adapters.slack.inbound import (
     EXPORT_SHORTCUT,
@@ -116,6 +117,9 @@ class SlackAdapter:
                                 self.settings.idempotency_ttl_s):
                 await self.controls.typed(inbound, event_id)
             return
+        if (inbound.job is not None and event.get("type") == "app_mention" and not is_dm(event)
+                and inbound.where.thread_ts not in (None, inbound.where.message_ts)):
+            inbound.job = await self._with_thread_context(inbound.job, team, inbound.where, context.bot_user_id)
         result = await self._submit(inbound.job) if inbound.job is not None else None
         if result is not None and result.refused is not None:
             # Over a limit: no status message, no job. One ephemeral "slow down" per window.
@@ -131,6 +135,17 @@ class SlackAdapter:
             self.spawn(self._record(job, thread))
             self.renderer.start_job(job, inbound.where)
         await self._notices(inbound, event_id, result)
+
+    async def _with_thread_context(self, job: Job, team: str, where: Where, bot_user_id: str | None) -> Job:
+        """A first mention inside an existing thread: the job carries the thread's earlier
+        messages for the model. A thread we already answer in has them in its history."""
+        assert where.thread_ts is not None
+        if await self.redis.exists(self._thread_key(team, where.channel, where.thread_ts)):
+            return job
+        text = await thread_context(self.client, where.channel, where.thread_ts, where.message_ts, bot_user_id,
+                                    max_messages=self.settings.thread_context_messages,
+                                    max_chars=self.settings.thread_context_chars)
+        return job.model_copy(update={"context": text}) if text else job
 
     async def _record(self, job: Job, thread_key: str | None) -> None:
         """One round trip: follow-ups in this thread now reach us without a mention; typed stop

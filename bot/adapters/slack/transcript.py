@@ -12,7 +12,9 @@ import binascii
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.adapters.common import code_block, split_message, truncate_output
+from bot.adapters.common import code_block, sandbox_full_output, split_message, truncate_output
+from bot.adapters.slack.markdown import escape as escape  # re-exported: adapters escape with it
+from bot.adapters.slack.markdown import to_mrkdwn
 from bot.blobs import missing_note
 from bot.jobs import Event
 
@@ -20,11 +22,6 @@ from bot.jobs import Event
 MESSAGE_LIMIT = 3900
 #: Output shown inline; more than this goes to an attached file.
 OUTPUT_LIMIT = 2500
-
-
-def escape(text: str) -> str:
-    """Slack's required escaping; it also keeps model text from forming <!channel> pings or links."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 @dataclass
@@ -35,7 +32,7 @@ class Part:
 
     def render(self) -> str:
         if self.kind == "text":
-            return escape(self.text.strip())
+            return to_mrkdwn(self.text.strip())  # escaped there
         return self.text  # code, output and error parts are escaped when built
 
 
@@ -95,7 +92,7 @@ class Transcript:
             said = self._text_part(round_)
             # The model's own reply normally carries the code in a fence already; don't show it twice.
             if code.strip() and (said is None or code.strip() not in said.text):
-                block = code_block(escape(code), str(p.get("language") or "python"))
+                block = code_block(escape(code))  # Slack shows a language tag as a line of code
                 self.current.parts.append(Part("code", block, round_))
         elif event.type == "output":
             return self._output(p)
@@ -124,12 +121,18 @@ class Transcript:
     def _output(self, p: dict[str, Any]) -> Attach | None:
         text = str(p.get("text") or "")
         full = str(p.get("full_text") or text)
-        shown = truncate_output(text, OUTPUT_LIMIT, "output.txt")
+        sandbox_files = sandbox_full_output(p)  # the sandbox attaches these: no second copy
+        where = " and ".join(sandbox_files) or "output.txt"
+        shown = truncate_output(text, OUTPUT_LIMIT, where)
         attach = None
         notes = []
-        if p.get("truncated") or shown.truncated:
+        if sandbox_files:
+            notes.append(f"truncated; full output attached as {where}")
+        elif shown.truncated or (p.get("truncated") and p.get("full_text")):
             attach = Attach("output.txt", full.encode(), "text/plain", "Full output")
             notes.append("truncated; full output attached")
+        elif p.get("truncated"):
+            notes.append("truncated")
         if p.get("timed_out"):
             notes.append("timed out")
         duration = p.get("duration_s")

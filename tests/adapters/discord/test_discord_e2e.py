@@ -159,3 +159,28 @@ async def test_export_button_attaches_the_threads_notebook(make_bot, start_worke
     png = next(o.data["image/png"] for o in code.outputs if "image/png" in o.get("data", {}))
     assert base64.b64decode(png).startswith(PNG_MAGIC)
     assert any("30" in o.get("text", "") for o in code.outputs)
+
+
+FLOOD = """Printing a lot.
+```python
+for i in range(3000):
+    print(f"row {i:05d} " + "y" * 20)
+```"""
+
+
+async def test_a_flooded_cell_posts_one_file_with_its_full_output(
+        make_bot, start_worker, model_server, fake_discord, redis_client):
+    model_server.script = [FLOOD, "All rows printed."]
+    await start_worker()
+    bot, gw = await make_bot(edit_interval_s=0.3)
+    gw.interaction(gw.slash(ALICE, "print 3000 rows"))
+    _, job = await next_job(redis_client, bot.settings)
+    status = await _done(fake_discord, job)
+    messages = _thread_after(fake_discord, job.conversation.thread, status["id"])
+    attachments = [a for m in messages for a in m["attachments"]]
+    printed = "".join(f"row {i:05d} " + "y" * 20 + "\n" for i in range(3000))
+    # one copy: the sandbox's stdout.txt, not a second output.txt from the adapter
+    assert [a["filename"] for a in attachments] == ["stdout.txt"]
+    assert _cdn(fake_discord, attachments[0]).decode() == printed
+    [output] = [m["content"] for m in messages if m["content"].startswith("**Output**")]
+    assert "full output in `stdout.txt`" in output and len(output) <= 2000

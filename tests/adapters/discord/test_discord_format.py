@@ -77,3 +77,45 @@ def test_error_and_status_lines_are_inert_too():
         "⚠️ `[a] (https://evil.example)` was not fetched"
     assert "](" not in fmt.status_line("reading [x](https://evil.example)")
     assert "](" not in fmt.header("<@1>", "[x](https://evil.example)", [])
+
+
+def _doc(pad: int) -> str:
+    sections = []
+    for i in range(8):
+        prose = "x" * pad + " " + "word " * (40 + 13 * i)
+        code = "\n".join(f"value_{i}_{j} = {j} * 2" for j in range(25 + i))
+        sections.append(f"## Section {i}\n\n{prose}\n```python\n{code}\n```\nSo section {i} is done.\n")
+    return "# Report\n" + "".join(sections)
+
+
+def test_headings_and_fences_survive_the_2000_character_splits():
+    for pad in range(0, 400, 7):
+        text = _doc(pad)
+        chunks = fmt.stream_chunks(text)
+        assert "".join(chunks).count("```python") >= 8
+        for n, chunk in enumerate(chunks):
+            assert len(chunk) <= fmt.MESSAGE_LIMIT and chunk.count("```") % 2 == 0, (pad, n)
+            last_line = chunk.rstrip("\n").rsplit("\n", 1)[-1]
+            # a heading is never left alone at the bottom of a message, away from its text
+            assert not last_line.startswith("#"), (pad, n, last_line)
+        lines = "".join(chunks).split("\n")
+        for i in range(8):  # each heading whole, once, at a line start (where Discord renders it)
+            assert lines.count(f"## Section {i}") == 1, (pad, i)
+        assert all(f"value_{i}_{j} = {j} * 2" in lines for i in range(8) for j in range(25 + i))
+        # a message cut inside code re-opens it with its language
+        for chunk in chunks[1:]:
+            if not chunk.startswith("##") and "```" in chunk.split("\n", 1)[0]:
+                assert chunk.startswith("```python\n"), (pad, chunk[:40])
+
+
+def test_a_flooded_cell_names_the_sandboxs_files_and_attaches_no_copy():
+    text = "a" * 10000 + "\n... [output truncated] ...\n" + "z" * 10000
+    content, upload = fmt.output_message({"text": text, "truncated": True,
+                                          "full_output_files": ["stdout.txt", "stderr.txt"]})
+    assert upload is None and len(content) <= fmt.MESSAGE_LIMIT
+    assert content.startswith("**Output** · full output in `stdout.txt` and `stderr.txt`")
+    content, upload = fmt.output_message({"text": "short", "truncated": True, "full_output_files": ["stdout.txt"]})
+    assert upload is None and "truncated, full output in `stdout.txt`" in content and "short" in content
+    # a long output the sandbox did not cut is the adapter's to attach, whole, as output.txt
+    content, upload = fmt.output_message({"text": "b" * 5000, "truncated": False, "full_output_files": []})
+    assert upload == fmt.Upload("output.txt", b"b" * 5000)

@@ -292,3 +292,28 @@ def test_job_records_round_trip_as_json():
     job = Job(idempotency_key="1", conversation={"platform": "discord", "channel": "2", "thread": "3"},
               user="4", reply_stream="r", meta={"thread_id": "3"})
     assert Job.loads(json.dumps(json.loads(job.dumps()))).meta == {"thread_id": "3"}
+
+
+async def test_code_first_used_in_an_existing_thread_brings_its_newest_messages(make_bot, fake_discord,
+                                                                                 redis_client):
+    bot, gw = await make_bot(thread_context_messages=3, thread_context_chars=2000)
+    thread_id = fake_discord.snowflake()
+    said = [(ALICE, "oldest, left out", []), (BOB, "EU revenue dropped 12%", []),
+            (ALICE, "here are the numbers", [fake_discord.add_cdn_file(thread_id, "eu_q3.csv", b"a,b\n")]),
+            (BOB, "is it seasonal?", [])]
+    for user, text, files in said:
+        msg = gw.message(user, thread_id, text, attachments=files)
+        fake_discord.messages[int(msg["id"])] = msg
+    gw.interaction(gw.slash(ALICE, "why did EU drop?", channel=gw.thread_channel(thread_id)))
+    entry, job = await next_job(redis_client, bot.settings)
+    names = {u: gw.member(u)["user"]["global_name"] for u in (ALICE, BOB)}
+    assert job.text == "why did EU drop?" and job.conversation.thread == str(thread_id)
+    assert job.context.split("\n") == [f"{names[BOB]}: EU revenue dropped 12%",
+                                       f"{names[ALICE]}: here are the numbers", "[shared files: eu_q3.csv]",
+                                       f"{names[BOB]}: is it seasonal?"]
+    # the thread is ours now: /code there again continues it without re-reading
+    await _finish(redis_client, bot, job)
+    gw.interaction(gw.slash(ALICE, "and the US?", channel=gw.thread_channel(thread_id)))
+    _, second = await next_job(redis_client, bot.settings, after=entry)
+    assert second.text == "and the US?" and second.context == ""
+    assert len(fake_discord.find("GET", rf"/channels/{thread_id}/messages")) == 1

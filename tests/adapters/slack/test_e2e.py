@@ -53,7 +53,7 @@ async def test_mention_streams_code_output_and_plot_then_follow_up_reuses_the_se
     assert status["text"].startswith(":white_check_mark: Done")
     joined = "\n".join(texts)
     assert "I'll define x and plot a line." in joined
-    assert '```python\nimport matplotlib.pyplot as plt\nx = 21' in joined
+    assert '```\nimport matplotlib.pyplot as plt\nx = 21' in joined
     assert "*Output*" in joined and "x is 21" in joined
     assert PLOT_DONE in texts[-1]
     first_body = thread[1]
@@ -183,3 +183,27 @@ async def test_export_notebook_shortcut_posts_the_threads_ipynb_into_the_thread(
     assert base64.b64decode(png).startswith(PNG_MAGIC)
     assert any("x is 21" in o.get("text", "") for o in code.outputs)
     assert await enqueued(rig) == 2  # the mention and the export (finished entries leave the stream)
+
+
+FLOOD = """Printing a lot.
+```python
+for i in range(3000):
+    print(f"row {i:05d} " + "y" * 20)
+```"""
+
+
+async def test_a_flooded_cell_posts_one_file_with_its_full_output(make_rig, start_worker, model_server):
+    model_server.script = [FLOOD, "All rows printed."]
+    rig = await make_rig(edit_interval=0.2)
+    await start_worker(slack_bot_token=rig.fake.token)
+    fake = rig.fake
+    event = mention("<@UBOT> print 3000 rows")
+    assert (await rig.post_event(event_body(event))).status == 200
+    await fake.wait_for(lambda: done(fake, event["ts"]), within=120)
+    printed = "".join(f"row {i:05d} " + "y" * 20 + "\n" for i in range(3000))
+    # one copy: the sandbox's stdout.txt, not a second output.txt from the adapter
+    [upload] = [u for u in fake.uploads.values() if u.thread_ts == event["ts"]]
+    assert upload.filename == "stdout.txt" and upload.data.decode() == printed
+    texts = "\n".join(m["text"] for m in fake.thread(CHANNEL, event["ts"]))
+    assert "full output attached as stdout.txt" in texts and "output.txt`" not in texts
+    assert "row 00000" in texts and "row 02999" in texts

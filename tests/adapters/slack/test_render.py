@@ -60,7 +60,7 @@ async def test_streamed_reply_code_output_image_and_final_status(make_rig):
     status, body = thread[0], [m["text"] for m in thread[1:]]
     assert status["text"] == ":white_check_mark: Done (1 round)"
     assert all(b["type"] != "actions" for b in status["blocks"])  # Stop button gone
-    assert body[0].startswith("Let me compute it.\n```python\nimport math\nprint(math.pi)\n```")
+    assert body[0].startswith("Let me compute it.\n```\nimport math\nprint(math.pi)\n```")
     assert body[0].count("print(math.pi)") == 1  # the code event did not repeat the fenced code
     assert "*Output*" in body[0] and "3.141592653589793 &lt;class 'float'&gt;" in body[0]
     assert body[1] == "Pi is about 3.14159."  # after the image, in its own message below it
@@ -105,7 +105,7 @@ async def test_long_reply_is_split_without_breaking_code_fences(make_rig):
     assert len(body) >= 3
     for text in body:
         assert len(text) <= 3900 and fences_balanced(text)
-    assert all(t.startswith("```python\n") for t in body[1:])
+    assert all(t.startswith("```\n") for t in body[1:])
     joined = "".join(body)
     assert all(f"value_{i} = {i} * 2" in joined for i in range(200))
 
@@ -191,3 +191,21 @@ async def test_files_come_from_blobs_which_are_deleted_once_uploaded(make_rig):
     body = "\n".join(m["text"] for m in rig.fake.thread(CHANNEL, event["ts"])[1:])
     assert "`&lt;!channel&gt;.bin` expired before it could be shown" in body
     assert "`huge.bin` was not sent: this answer's files are over the 64.0 MB limit." in body
+
+
+async def test_a_flooded_cells_output_is_attached_once_as_the_sandboxs_stdout_txt(make_rig):
+    rig = await make_rig(edit_interval=0.05)
+    event, _job, emit = await start_job(rig)
+    full = "".join(f"row {i}\n" for i in range(30000))
+    head_tail = full[:10000] + "\n... [output truncated: full output in stdout.txt] ...\n" + full[-10000:]
+    await emit("output", text=head_tail, truncated=True, full_output_files=["stdout.txt"],
+               error=None, timed_out=False, duration_s=0.2)
+    await emit("file", name="stdout.txt", mime="text/plain", size=len(full),
+               data_b64=base64.b64encode(full.encode()).decode())
+    await emit("final", text="Done.", rounds=0, ok=True)
+    await rig.fake.wait_for(lambda: rig.fake.reactions)
+    [upload] = rig.fake.uploads.values()
+    assert upload.filename == "stdout.txt" and upload.data.decode() == full
+    body = rig.fake.thread(CHANNEL, event["ts"])[1]["text"]
+    assert "truncated; full output attached as stdout.txt" in body and "full output in stdout.txt" in body
+    assert "output.txt" not in body.replace("stdout.txt", "") and len(body) < 3900
