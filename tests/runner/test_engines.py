@@ -38,7 +38,7 @@ START_LIMIT_S = 120.0  # a guard against a daemon that never comes up, not a tim
 
 
 class Daemon:
-    """A second dockerd, own everything, no bridge and no iptables."""
+    """A second dockerd, own everything (network namespace included), no bridge and no iptables."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -49,7 +49,10 @@ class Daemon:
     def start(self) -> None:
         log = open(self.root / "dockerd.log", "ab")  # the daemon writes it until stopped
         self.proc = subprocess.Popen(
-            ["dockerd", "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "x"),
+            # its own network namespace: a dockerd started with --bridge=none deletes the host's
+            # docker0 at start, which would take the main engine's default network away
+            ["unshare", "--net", "--", "dockerd", "--data-root", str(self.root / "data"),
+             "--exec-root", str(self.root / "x"),
              "-H", self.url, "--pidfile", str(self.root / "d.pid"), "--bridge=none", "--iptables=false",
              "--ip6tables=false"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -82,8 +85,11 @@ def daemon(docker_client: docker.DockerClient) -> Iterator[Daemon]:
         pytest.fail("these tests start a second dockerd: they need dockerd and root (CI has both)")
     root = Path(tempfile.mkdtemp(prefix="cle-", dir="/tmp"))  # short: the socket path has a limit
     second = Daemon(root)
+    had_bridge = Path("/sys/class/net/docker0").exists()
     try:
         second.start()
+        # the main engine keeps its default bridge (compose, later in CI, needs it)
+        assert Path("/sys/class/net/docker0").exists() == had_bridge
         save = subprocess.Popen(["docker", "save", IMAGE], stdout=subprocess.PIPE)
         subprocess.run(["docker", "-H", second.url, "load", "-q"], stdin=save.stdout, check=True,
                        capture_output=True)
