@@ -66,11 +66,9 @@ cleanup() {
   if [ -z "${KEEP:-}" ]; then
     docker rm -f "${project}_slack_1" >/dev/null 2>&1 || true
     [ -f "$tmp/smoke.env" ] && compose --profile slack down -v --remove-orphans >/dev/null 2>&1 || true
-    # the sandboxes of this run's conversation, found by the conversation label the runner sets
-    for id in $(docker ps -aq --filter label=codeloop.session=1); do
-      case "$(docker inspect -f '{{index .Config.Labels "codeloop.label"}}' "$id" 2>/dev/null)" in
-        *"$thread"*) docker rm -f "$id" >/dev/null 2>&1 || true ;;
-      esac
+    # the sandboxes of this run (console and Slack threads): every one runs the smoke's own image
+    for id in $(docker ps -aq --filter label=codeloop.session=1 --filter ancestor=codeloop-sandbox:smoke); do
+      docker rm -f "$id" >/dev/null 2>&1 || true
     done
     [ -n "$model_pid" ] && kill "$model_pid" 2>/dev/null || true
     rm -rf "$tmp"
