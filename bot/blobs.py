@@ -39,6 +39,18 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def inline_bytes(payload: dict[str, Any]) -> bytes | None:
+    """The inline base64 file of an image/file payload (workers older than blobs, direct callers);
+    None when there is none or it is damaged."""
+    raw = payload.get("data_b64")
+    if raw is None:
+        return None
+    try:
+        return base64.b64decode(str(raw), validate=True) or None
+    except (binascii.Error, ValueError):
+        return None
+
+
 class BlobStore:
     def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
         self.redis = redis
@@ -66,13 +78,7 @@ class BlobStore:
         ref = payload.get("blob")
         if isinstance(ref, str):
             return await self.take(ref)
-        raw = payload.get("data_b64")
-        if raw is None:
-            return None
-        try:
-            return base64.b64decode(str(raw), validate=True) or None
-        except (binascii.Error, ValueError):
-            return None
+        return inline_bytes(payload)
 
 
 def missing_note(payload: dict[str, Any]) -> str:

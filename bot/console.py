@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from bot import metrics, redis_conn
-from bot.blobs import BlobStore, missing_note
+from bot.blobs import BlobStore, inline_bytes, missing_note
 from bot.errors import InputRejected
 from bot.jobs import Attachment, Conversation, Event, Job
 from bot.notebook import NotebookRecorder, dumps
@@ -65,11 +65,8 @@ class ConsoleRenderer:
             text = p.get("text") or "(no output)"
             self._line("[output]\n" + text)
         elif event.type in ("image", "file"):
-            if data is None and p.get("data_b64"):  # an inline event (older workers, direct callers)
-                try:
-                    data = base64.b64decode(str(p["data_b64"]), validate=True)
-                except ValueError:
-                    data = None
+            if data is None:
+                data = inline_bytes(p)
             if data is None:
                 self._line(f"[{event.type}] {missing_note(p)}")
                 return

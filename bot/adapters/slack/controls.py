@@ -113,29 +113,29 @@ class SlackControls:
 
     # --- reset: the message shortcut and the typed word ----------------------------------------
     async def reset_shortcut(self, body: dict[str, Any]) -> None:
-        found = reset_job(body, self.reply_stream)
+        found = self._shortcut_job(body, "reset")
+        if found is not None:
+            await self._reset(*found)
+
+    def _shortcut_job(self, body: dict[str, Any], kind: str) -> tuple[Job, Where] | None:
+        """The job a message shortcut asks for, or None (told to the user) where the allowlists refuse."""
+        found = reset_job(body, self.reply_stream, kind=kind)
         if found is None:
-            return
+            return None
         job, where = found
         refusal = access_refusal(self.settings, where.channel, job.user)
         if refusal is not None:
             self.tell(where, job.user, [refusal], False)
-            return
-        await self._reset(job, where)
+            return None
+        return found
 
     # --- export: the "Export notebook" message shortcut ------------------------------------------
     async def export_shortcut(self, body: dict[str, Any]) -> None:
         """Anyone the allowlists admit may export: the notebook holds what the thread shows already.
         The worker builds it from its own record and the file is posted into the thread."""
-        found = reset_job(body, self.reply_stream, kind="export")
-        if found is None:
-            return
-        job, where = found
-        refusal = access_refusal(self.settings, where.channel, job.user)
-        if refusal is not None:
-            self.tell(where, job.user, [refusal], False)
-            return
-        await self.submit(job)
+        found = self._shortcut_job(body, "export")
+        if found is not None:
+            await self.submit(found[0])
 
     async def _reset(self, job: Job, where: Where) -> None:
         refusal = await self.ownership.check_reset(job, self._is_moderator(job.user), mention)
