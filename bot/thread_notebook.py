@@ -44,15 +44,17 @@ def append(files: ThreadFiles, recorder: NotebookRecorder) -> None:
     if not recorder.cells:
         return
     cells = load_cells(files) + list(recorder.cells)
-    text = json.dumps(cells)
-    for cell in cells:
-        if len(text) <= files.cap:
+    total = len(json.dumps(cells))
+    for cell in cells:  # a list's JSON grows and shrinks by exactly its items' own: no re-dump of the whole
+        if total <= files.cap:
             break
+        before = len(json.dumps(cell))
         for out in cell.get("outputs", []):
             data = out.get("data") or {}
             if any(mime.startswith("image/") for mime in data):
                 out["data"] = {"text/plain": DROPPED}
-        text = json.dumps(cells)
+        total += len(json.dumps(cell)) - before
+    text = json.dumps(cells)
     files.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = f"{_path(files)}.{os.getpid()}.tmp"
     with open(tmp, "w") as fh:
