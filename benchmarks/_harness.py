@@ -18,9 +18,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from bot.bench.queue import NoSandbox
-from bot.jobs import Event
-from bot.settings import Settings
-from bot.worker import Worker
+from bot.core.jobs import Event
+from bot.core.settings import Settings
+from bot.worker.service import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 

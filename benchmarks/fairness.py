@@ -19,9 +19,9 @@ import statistics
 import time
 
 from benchmarks._harness import bench_settings, emit, model_server, pct, read_finals, running_worker
-from bot import redis_conn
-from bot.jobs import Conversation, Event, Job
-from bot.queue import JobQueue
+from bot.core.jobs import Conversation, Event, Job
+from bot.queue import redis_conn
+from bot.queue.stream import JobQueue
 
 
 async def run(args: argparse.Namespace) -> None:

@@ -33,13 +33,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from benchmarks._harness import emit, pct, read_finals
-from bot import redis_conn
 from bot.bench.queue import NoSandbox
-from bot.jobs import Conversation, Event, Job
+from bot.core.jobs import Conversation, Event, Job
+from bot.core.settings import Settings
 from bot.llm.base import ChatMessage, GenerationParams
-from bot.queue import JobQueue
-from bot.settings import Settings
-from bot.worker import Worker
+from bot.queue import redis_conn
+from bot.queue.stream import JobQueue
+from bot.worker.service import Worker
 
 
 class SleepyModel:

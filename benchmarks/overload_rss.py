@@ -22,8 +22,8 @@ import time
 import redis.asyncio as aioredis
 
 from benchmarks._harness import bench_settings, emit, model_server, read_finals, rss_mib, running_worker
-from bot.jobs import Conversation, Event, Job
-from bot.queue import JobQueue
+from bot.core.jobs import Conversation, Event, Job
+from bot.queue.stream import JobQueue
 
 
 async def run(args: argparse.Namespace) -> None:

@@ -16,15 +16,15 @@ import argparse
 import importlib
 import sys
 
-from bot.errors import CodeloopError, ConfigError
+from bot.core.errors import CodeloopError, ConfigError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "console": ("bot.console", "chat in the terminal through the queue (starts a worker if none runs)"),
-    "worker": ("bot.worker", "consume jobs: generate, run code in sandboxes, publish replies"),
+    "console": ("bot.adapters.console", "chat in the terminal through the queue (starts a worker if none runs)"),
+    "worker": ("bot.worker.service", "consume jobs: generate, run code in sandboxes, publish replies"),
     "slack": ("bot.adapters.slack.cli", "run the Slack bot (Socket Mode, or HTTP Events API)"),
     "discord": ("bot.adapters.discord.cli", "run the Discord bot (/code slash command)"),
     "sandbox": ("runner.cli", "build the sandbox image, list, reap or clean sandboxes"),
-    "doctor": ("bot.doctor", "check Redis, Docker, the sandbox image, the model and tokens"),
+    "doctor": ("bot.ops.doctor", "check Redis, Docker, the sandbox image, the model and tokens"),
     "eval": ("bot.evaluation.cli", "pass@1 with execution/human feedback: HumanEval(+), MBPP(+)"),
     "bench": ("bot.bench.cli", "benchmarks: queue | runner | generate | ack"),
 }
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def setup_logging() -> None:
-    from bot.metrics import setup_logging as apply
-    from bot.settings import Settings
+    from bot.core.settings import Settings
+    from bot.ops.metrics import setup_logging as apply
 
     try:
         settings = Settings.load()

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
-from bot.errors import MalformedReply, SandboxUnavailable, SessionLost
+from bot.core.errors import MalformedReply, SandboxUnavailable, SessionLost
 from runner.results import check_amplification
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from typing import Any
 import docker
 from docker.errors import APIError, DockerException, NotFound
 
-from bot.errors import SandboxUnavailable
+from bot.core.errors import SandboxUnavailable
 from runner.config import NAME_LABEL, SESSION_LABEL
 
 HERE = Path(__file__).resolve().parent
@@ -60,7 +60,7 @@ def _client() -> docker.DockerClient:
 
 
 def _default_tag() -> str:
-    from bot.settings import Settings
+    from bot.core.settings import Settings
 
     return Settings.load().sandbox_image
 
@@ -146,8 +146,8 @@ def clean(args: argparse.Namespace) -> int:
                 raise
     print(f"removed {removed} sandbox container(s)")
     if args.label is None:
-        from bot.files_store import FilesStore
-        from bot.settings import Settings
+        from bot.core.settings import Settings
+        from bot.worker.files_store import FilesStore
 
         threads = FilesStore.from_settings(Settings.load()).clear()
         print(f"removed the stored files of {threads} thread(s)")
@@ -155,7 +155,7 @@ def clean(args: argparse.Namespace) -> int:
 
 
 def reap(args: argparse.Namespace) -> int:
-    from bot.settings import Settings
+    from bot.core.settings import Settings
     from runner.config import SandboxConfig
     from runner.janitor import ReapPolicy, reap_once
     from runner.manager import SandboxManager

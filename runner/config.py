@@ -16,7 +16,7 @@ from docker.types import LogConfig, Ulimit
 from runner.hardening import security_opt
 
 if TYPE_CHECKING:
-    from bot.settings import Settings
+    from bot.core.settings import Settings
 
 #: image label checked at start: an image built from an older executor is refused, not half-used
 PROTOCOL = "3"

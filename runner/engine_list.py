@@ -18,7 +18,7 @@ from docker.errors import DockerException
 from docker.tls import TLSConfig
 from docker.utils import parse_bytes
 
-from bot.errors import ConfigError
+from bot.core.errors import ConfigError
 
 #: the API version spoken to listed engines: fixed, so a worker starts without asking an engine that
 #: is down (docker's "auto" asks at construction); Docker 20.10 speaks it, and later engines still do

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, TypeAlias
 from docker.errors import DockerException
 from docker.utils import parse_bytes
 
-from bot.errors import ConfigError, SandboxUnavailable
+from bot.core.errors import ConfigError, SandboxUnavailable
 from runner.config import SESSION_LABEL, SandboxConfig
 from runner.engine_list import EngineSpec, parse_engines
 from runner.janitor import ReapPolicy
@@ -42,11 +42,11 @@ from runner.manager import SandboxManager
 from runner.session import SandboxSession
 
 if TYPE_CHECKING:
-    from bot.settings import Settings
+    from bot.core.settings import Settings
 
 __all__ = ["EngineSet", "EngineSpec", "Sandboxes", "make_sandboxes", "parse_engines"]
 log = logging.getLogger(__name__)
-#: lead sentences: bot/sandbox_link.py adds what became of the variables and the thread's files
+#: lead sentences: bot/worker/sandbox_link.py adds what became of the variables and the thread's files
 UNREACHABLE_NOTE = (
     "The previous Python session's sandbox host ({name}) is unreachable; this is a fresh session on another host."
 )

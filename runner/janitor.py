@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 from docker.errors import DockerException
 
-from bot.errors import SandboxError
+from bot.core.errors import SandboxError
 from runner.config import SESSION_LABEL, SandboxConfig, slug
 from runner.session import SandboxSession
 
 if TYPE_CHECKING:
-    from bot.settings import Settings
+    from bot.core.settings import Settings
     from runner.manager import SandboxManager
 
 log = logging.getLogger(__name__)

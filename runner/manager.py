@@ -17,7 +17,7 @@ from typing import Any
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
-from bot.errors import SandboxError, SandboxUnavailable, SessionLost
+from bot.core.errors import SandboxError, SandboxUnavailable, SessionLost
 from runner.config import POOL_LABEL, PROTOCOL, SESSION_LABEL, SandboxConfig, container_spec
 from runner.janitor import IdleRecord, Janitor, ReapPolicy, stamped_name
 from runner.session import SandboxSession, remove_container
@@ -214,7 +214,7 @@ class SandboxManager:
     # --- public API -------------------------------------------------------------------------
     async def acquire(self, session_id: str | None, label: str) -> tuple[SandboxSession, str | None]:
         """The thread's session: reattached if its executor answers, else a fresh one (with a note
-        why; the worker adds what became of the thread's variables and files, bot/sandbox_link.py). A
+        why; the worker adds what became of the thread's variables and files, bot/worker/sandbox_link.py). A
         previous session that is lost, frozen or wedged is removed before the new one is made."""
         note = None
         if session_id:

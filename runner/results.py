@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bot.errors import MalformedReply
+from bot.core.errors import MalformedReply
 
 if TYPE_CHECKING:
     from runner.config import SandboxConfig

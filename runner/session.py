@@ -18,7 +18,7 @@ from typing import Any
 
 from docker.errors import APIError, DockerException, NotFound
 
-from bot.errors import InputRejected, MalformedReply, SandboxError, SessionLost
+from bot.core.errors import InputRejected, MalformedReply, SandboxError, SessionLost
 from runner.attach import AttachStream
 from runner.config import SandboxConfig
 from runner.results import ExecutionResult, ReplyLimits, parse_result, safe_repr

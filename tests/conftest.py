@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis.asyncio as aioredis
 
-from bot.settings import Settings
+from bot.core.settings import Settings
 
 if TYPE_CHECKING:
-    from bot.worker import Worker
+    from bot.worker.service import Worker
 
 REDIS_URL = os.environ.get("CODELOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -68,7 +68,7 @@ def make_settings(key_prefix: str) -> Callable[..., Settings]:
             "sandbox_pool_size": 0,
             "llm_backoff_s": 0.01,
             "sandbox_image": os.environ.get("CODELOOP_TEST_SANDBOX_IMAGE", "codeloop-sandbox:latest"),
-            # the per-thread file store (bot/files_store.py): per test, never the developer's
+            # the per-thread file store (bot/worker/files_store.py): per test, never the developer's
             "files_dir": os.path.join(tempfile.gettempdir(), "codeloop-test-files", key_prefix),
         }
         base.update(overrides)
@@ -163,7 +163,7 @@ async def start_worker(make_settings: Callable[..., Settings], model_server: Any
                        key_prefix: str) -> AsyncIterator[Callable[..., Any]]:
     """``await start_worker(**setting_overrides) -> Worker``: a real worker on the scripted model
     and real Docker sandboxes (labelled for this test and removed afterwards)."""
-    from bot.worker import Worker
+    from bot.worker.service import Worker
     from runner.config import SandboxConfig
     from runner.manager import SandboxManager
 

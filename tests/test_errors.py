@@ -6,7 +6,7 @@ import pytest
 import redis
 
 from bot.adapters.discord.intake import _start_failure
-from bot.errors import (
+from bot.core.errors import (
     CodeloopError,
     InputRejected,
     ModelError,

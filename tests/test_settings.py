@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from bot.errors import ConfigError
-from bot.settings import Settings
+from bot.core.errors import ConfigError
+from bot.core.settings import Settings
 
 
 def test_defaults_are_the_papers(monkeypatch: pytest.MonkeyPatch) -> None:

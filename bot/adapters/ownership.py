@@ -5,7 +5,7 @@
   moderator may reset it, since a reset throws away everyone's variables and files in it.
 * Who is a **moderator** is the platform's business (Slack: workspace admins and owners, or
   ``CODELOOP_SLACK_MODERATORS``; Discord: Manage Messages in the channel); adapters pass a check.
-* Resets are rate-limited per user (``CODELOOP_RATE_RESET_PER_MIN``, ``bot.ratelimit``).
+* Resets are rate-limited per user (``CODELOOP_RATE_RESET_PER_MIN``, ``bot.queue.ratelimit``).
 
 Typed ``stop`` names no job, so the adapters keep, per conversation, the jobs they enqueued and
 have not yet seen end. Redis keys (under the prefix; both live as long as a conversation):
@@ -28,9 +28,9 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
-from bot.jobs import Conversation, Job
-from bot.ratelimit import RateLimited, RateLimiter
-from bot.settings import Settings
+from bot.core.jobs import Conversation, Job
+from bot.core.settings import Settings
+from bot.queue.ratelimit import RateLimited, RateLimiter
 
 Action = Literal["stop", "re-run", "reset"]
 IsModerator = Callable[[], Awaitable[bool]]

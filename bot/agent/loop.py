@@ -13,13 +13,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bot import metrics
 from bot.agent import prompts
 from bot.agent.code import calls_input, last_python_block
 from bot.agent.feedback import chat_output, model_feedback
-from bot.errors import InputRejected
-from bot.jobs import FULL_OUTPUT_FILES
+from bot.core.errors import InputRejected
+from bot.core.jobs import FULL_OUTPUT_FILES
 from bot.llm.base import ChatMessage, GenerationParams, ModelClient
+from bot.ops import metrics
 from runner.results import ExecutionResult
 
 Emit = Callable[[str, dict[str, Any]], Awaitable[None]]

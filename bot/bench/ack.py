@@ -27,7 +27,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from bot.settings import Settings
+from bot.core.settings import Settings
 
 TARGET_P99_MS = 50.0
 

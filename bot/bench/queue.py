@@ -26,11 +26,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from bot.jobs import Conversation, Job
+from bot.core.jobs import Conversation, Job
+from bot.core.settings import Settings
 from bot.llm.base import ChatMessage, GenerationParams
-from bot.queue import JobQueue
-from bot.settings import Settings
-from bot.worker import Worker
+from bot.queue.stream import JobQueue
+from bot.worker.service import Worker
 
 _SPAWN = multiprocessing.get_context("spawn")
 

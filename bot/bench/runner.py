@@ -180,7 +180,7 @@ async def bench_image(config: SandboxConfig, args: argparse.Namespace) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
-    from bot.settings import Settings
+    from bot.core.settings import Settings
 
     settings = Settings.load()
     config = SandboxConfig.from_settings(settings, pool_size=max(2, args.parallel),

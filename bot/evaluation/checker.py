@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from bot.errors import SandboxError
+from bot.core.errors import SandboxError
 from runner.manager import SandboxManager
 from runner.results import ExecutionResult
 from runner.session import SandboxSession

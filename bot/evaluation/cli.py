@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.agent.prompts import SYSTEM_PROMPT
+from bot.core.settings import Settings
 from bot.evaluation.checker import CheckPool
 from bot.evaluation.critic import Critic
 from bot.evaluation.datasets import load_problems
@@ -20,7 +21,6 @@ from bot.evaluation.problems import Problem
 from bot.evaluation.report import table, write_outputs
 from bot.evaluation.solve import EvalOptions, Evaluator, TaskResult
 from bot.llm.base import GenerationParams, ModelClient
-from bot.settings import Settings
 from runner.config import SandboxConfig
 from runner.manager import SandboxManager
 

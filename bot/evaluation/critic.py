@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from bot.errors import ModelError
+from bot.core.errors import ModelError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bot.errors import ConfigError
+from bot.core.errors import ConfigError
 from bot.evaluation.difftest import mbpp_recipe
 from bot.evaluation.problems import PlusTests, Problem, Suite
 

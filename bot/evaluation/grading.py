@@ -16,7 +16,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from bot.errors import ConfigError
+from bot.core.errors import ConfigError
 from bot.evaluation import difftest
 from bot.evaluation.checker import CheckPool, Runner
 from bot.evaluation.problems import Problem, check_program

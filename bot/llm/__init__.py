@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from bot.llm.base import ChatMessage, GenerationParams, ModelClient
 
 if TYPE_CHECKING:
-    from bot.settings import Settings
+    from bot.core.settings import Settings
 
 __all__ = ["ChatMessage", "GenerationParams", "ModelClient", "make_client"]
 

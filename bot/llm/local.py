@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
-from bot.errors import ConfigError, ModelError
+from bot.core.errors import ConfigError, ModelError
 from bot.llm.base import ChatMessage, GenerationParams
 from bot.llm.local_batcher import Batcher, BatchStats, Delivery, Request
 from bot.llm.local_detok import IncrementalDecoder, StopFilter
@@ -21,7 +21,7 @@ from bot.llm.local_detok import IncrementalDecoder, StopFilter
 if TYPE_CHECKING:
     import torch
 
-    from bot.settings import Settings
+    from bot.core.settings import Settings
 
 __all__ = ["LocalModelClient", "load_model", "resolve_device", "resolve_dtype"]
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from bot.errors import ModelError
+from bot.core.errors import ModelError
 from bot.llm.local_kv import KVSlab
 
 #: what a conversation's queue receives: token ids, None at the end, or the error that ended it

@@ -32,9 +32,9 @@ import httpx2
 from huggingface_hub import AsyncInferenceClient, get_async_session
 from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError
 
-from bot.errors import ModelError, ModelOverloaded
+from bot.core.errors import ModelError, ModelOverloaded
+from bot.core.settings import Settings
 from bot.llm.base import ChatMessage, GenerationParams
-from bot.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -5,21 +5,10 @@ import random
 
 import pytest
 
-from bot.adapters.common import (
-    InputLimits,
-    Upload,
-    check_text,
-    check_upload,
-    code_block,
-    is_allowed,
-    parse_control,
-    partition_uploads,
-    safe_filename,
-    split_message,
-    truncate_output,
-)
-from bot.errors import InputRejected
-from bot.jobs import Conversation, Job
+from bot.adapters.common import code_block, is_allowed, parse_control, split_message, truncate_output
+from bot.core.errors import InputRejected
+from bot.core.jobs import Conversation, Job
+from bot.core.limits import InputLimits, Upload, check_text, check_upload, partition_uploads, safe_filename
 
 LIMITS = InputLimits(max_chars=100, max_upload_bytes=1000)
 

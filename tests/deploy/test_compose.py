@@ -1,4 +1,4 @@
-"""docker-compose.yml and .env.example: in step with bot/settings.py, and the security shape holds.
+"""docker-compose.yml and .env.example: in step with bot/core/settings.py, and the security shape holds.
 
 The compose file is resolved by Debian's docker-compose 1.29 (`config`), the same binary the
 CI smoke test runs, so these assertions are about what compose will really start.
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bot.settings import Settings
+from bot.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV_EXAMPLE = ROOT / ".env.example"

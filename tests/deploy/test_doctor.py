@@ -18,8 +18,8 @@ import redis
 import yaml
 
 from bot import cli
-from bot.doctor_http import SLACK_SCOPES
-from bot.settings import DEFAULT_MODEL
+from bot.core.settings import DEFAULT_MODEL
+from bot.ops.doctor_http import SLACK_SCOPES
 from runner.config import PROTOCOL
 from tests.conftest import REDIS_URL
 from tests.deploy.images import base_image

@@ -104,7 +104,7 @@ def test_gpu_work_lands_on_the_gpu_pool_and_sandboxes_elsewhere() -> None:
 
 def test_the_sandbox_tier_is_n_engines_the_workers_list_by_stable_name() -> None:
     """Item 3 of issue 18: validated only (no cluster here); runner/engines.py parses the list."""
-    from bot.settings import Settings
+    from bot.core.settings import Settings
     from runner.engines import parse_engines
 
     docs = documents()
@@ -167,7 +167,7 @@ def _container(name: str) -> dict[str, Any]:
 
 
 def test_bots_and_workers_are_probed_on_their_health_endpoints() -> None:
-    """The endpoints bot/metrics_server.py serves (tests/deploy/test_health.py proves what they say)."""
+    """The endpoints bot/ops/metrics_server.py serves (tests/deploy/test_health.py proves what they say)."""
     for name in ("codeloop-slack", "codeloop-discord"):
         container = _container(name)
         assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}, name

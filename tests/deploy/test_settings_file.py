@@ -11,8 +11,8 @@ import pytest
 
 from bot.agent import prompts
 from bot.agent.loop import Turn
+from bot.core.settings import Settings
 from bot.llm.base import ChatMessage, GenerationParams
-from bot.settings import Settings
 
 ENV_FILE = """\
 # an operator's .env, as compose reads it too

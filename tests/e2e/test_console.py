@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from bot.console import Console
-from bot.jobs import Event
-from bot.settings import Settings
+from bot.adapters.console import Console
+from bot.core.jobs import Event
+from bot.core.settings import Settings
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -12,10 +12,10 @@ from typing import Any
 import docker
 import pytest
 
+from bot.core.settings import Settings
 from bot.evaluation import cli
 from bot.evaluation.datasets import load_problems
 from bot.evaluation.problems import Problem
-from bot.settings import Settings
 from runner.config import SandboxConfig
 from runner.manager import SandboxManager
 from tests.runner.conftest import IMAGE

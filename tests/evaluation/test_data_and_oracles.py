@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bot.errors import ConfigError
+from bot.core.errors import ConfigError
 from bot.evaluation import difftest
 from bot.evaluation.datasets import load_problems
 from bot.evaluation.report import compare, pass_counts, solution_at

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
+from bot.core.settings import Settings
 from bot.evaluation import cli
 from bot.evaluation.checker import CheckPool
 from bot.evaluation.problems import Problem
 from bot.evaluation.report import table
 from bot.llm import make_client
-from bot.settings import Settings
 from runner.manager import SandboxManager
 from tests.evaluation.conftest import PROBLEMS, feedback_turns, fenced, parse_args, task_of
 from tests.runner.conftest import IMAGE

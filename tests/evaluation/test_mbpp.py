@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
+from bot.core.settings import Settings
 from bot.evaluation import cli
 from bot.evaluation.datasets import load_problems
 from bot.evaluation.report import table
 from bot.llm import make_client
-from bot.settings import Settings
 from runner.manager import SandboxManager
 from tests.evaluation.conftest import feedback_turns, fenced, parse_args
 

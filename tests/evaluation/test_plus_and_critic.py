@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
+from bot.core.settings import Settings
 from bot.evaluation import cli
 from bot.evaluation.critic import SYSTEM
 from bot.evaluation.datasets import load_problems
 from bot.evaluation.report import table
 from bot.llm import make_client
-from bot.settings import Settings
 from runner.manager import SandboxManager
 from tests.evaluation.conftest import feedback_turns, fenced, parse_args
 from tests.evaluation.test_mbpp import PLUS_ROWS, task_text, write_jsonl

@@ -13,8 +13,8 @@ import pytest
 import redis
 
 from bot.bench.queue import NoSandbox
-from bot.settings import Settings
-from bot.worker import Worker
+from bot.core.settings import Settings
+from bot.worker.service import Worker
 from tests.conftest import RunningWorkers
 
 

@@ -1,6 +1,6 @@
 """Bad input through a real worker: each case ends with a message the user can act on, the worker
 keeps going, and the conversation stays usable. (Plain poison entries without a place in a
-thread are covered in tests/queue/test_worker.py.)"""
+thread are covered in tests/worker/test_service.py.)"""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import REGISTRY
 
-from bot.jobs import Attachment, Conversation, Event, Job
-from bot.queue import _ENQUEUE, JobQueue
+from bot.core.jobs import Attachment, Conversation, Event, Job
+from bot.queue.stream import _ENQUEUE, JobQueue
 from tests.faults.test_limits import UNLIMITED, terminals
 
 

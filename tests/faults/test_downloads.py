@@ -1,4 +1,4 @@
-"""Downloads of users' uploads (bot/downloads.py), attacked over real HTTP on loopback: the Slack
+"""Downloads of users' uploads (bot/worker/downloads.py), attacked over real HTTP on loopback: the Slack
 token goes only over https to Slack's file hosts (or a test host listed explicitly), Discord
 downloads only come from Discord's CDN, no redirect leaves the origin, no private address is
 reached even through a platform's own host name, and a body is cut at the limit while it streams.
@@ -14,10 +14,10 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from bot.downloads import Downloader, DownloadPolicy, _PublicOnlyResolver, is_public
-from bot.errors import DownloadRefused, InputRejected
-from bot.jobs import Attachment
-from bot.settings import Settings
+from bot.core.errors import DownloadRefused, InputRejected
+from bot.core.jobs import Attachment
+from bot.core.settings import Settings
+from bot.worker.downloads import Downloader, DownloadPolicy, _PublicOnlyResolver, is_public
 
 TOKEN = "xoxb-download-test"
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from bot.queue import JobQueue
+from bot.queue.stream import JobQueue
 from tests.faults.test_bad_input import job
 from tests.faults.test_limits import UNLIMITED, terminals
 

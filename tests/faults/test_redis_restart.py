@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from bot import redis_conn
-from bot.jobs import Conversation, Event, Job
-from bot.queue import JobQueue
-from bot.replies import ReplyReader
+from bot.core.jobs import Conversation, Event, Job
+from bot.queue import redis_conn
+from bot.queue.replies import ReplyReader
+from bot.queue.stream import JobQueue
 from tests.faults.conftest import RedisServer
 
 JOBS = 1000

@@ -16,10 +16,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from bot import redis_conn
 from bot.adapters.slack.app import EVENTS_PATH, SlackAdapter
-from bot.jobs import Event
-from bot.replies import ReplyReader
+from bot.core.jobs import Event
+from bot.queue import redis_conn
+from bot.queue.replies import ReplyReader
 from tests.adapters.slack.conftest import CHANNEL, SECRET, event_body, fake_slack, mention, sign  # noqa: F401
 from tests.fakes.slack_api import FakeSlackAPI
 from tests.faults.conftest import RedisServer

@@ -21,12 +21,12 @@ import docker
 import pytest
 import redis
 
-from bot import redis_conn
-from bot.errors import ConfigError, QueueError
-from bot.jobs import Conversation, Event, Job
-from bot.queue import JobQueue
-from bot.replies import ReplyReader
-from bot.settings import Settings
+from bot.core.errors import ConfigError, QueueError
+from bot.core.jobs import Conversation, Event, Job
+from bot.core.settings import Settings
+from bot.queue import redis_conn
+from bot.queue.replies import ReplyReader
+from bot.queue.stream import JobQueue
 
 MASTER = "codeloop-test"
 JOBS = 240

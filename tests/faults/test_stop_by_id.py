@@ -9,8 +9,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from bot.jobs import Conversation, Job
-from bot.queue import JobQueue
+from bot.core.jobs import Conversation, Job
+from bot.queue.stream import JobQueue
 from tests.faults.test_limits import UNLIMITED, terminals
 
 

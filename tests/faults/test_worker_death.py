@@ -14,9 +14,9 @@ from typing import Any
 import docker
 import redis.asyncio as aioredis
 
-from bot.jobs import Conversation, Event, Job
-from bot.queue import JobQueue
-from bot.settings import Settings
+from bot.core.jobs import Conversation, Event, Job
+from bot.core.settings import Settings
+from bot.queue.stream import JobQueue
 
 CODE = """```python
 import time

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from bot.errors import ModelError
+from bot.core.errors import ModelError
 from bot.llm import GenerationParams, make_client
 from bot.llm.base import ChatMessage
 from bot.llm.local import LocalModelClient, load_model

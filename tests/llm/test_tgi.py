@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from bot.errors import ModelError, ModelOverloaded
+from bot.core.errors import ModelError, ModelOverloaded
 from bot.llm.base import GenerationParams
 from bot.llm.tgi import TGIClient
 from tests.fakes.model_server import ScriptedModelServer
@@ -38,7 +38,7 @@ async def test_streams_deltas_and_sends_greedy_params() -> None:
 
 async def test_a_server_that_serves_models_by_name_gets_the_configured_name() -> None:
     """vLLM (and Ollama, LM Studio, gateways) answer 404 to any model name but the one they serve."""
-    from bot.settings import Settings
+    from bot.core.settings import Settings
 
     server = await ScriptedModelServer(script=["served"], served_model="ds-6.7b").start()
     right = TGIClient.from_settings(Settings.load(llm_url=server.url, model="ds-6.7b"))

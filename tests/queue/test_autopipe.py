@@ -8,8 +8,8 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from bot.autopipe import AutoPipeline, LuaScript
-from bot.settings import Settings
+from bot.core.settings import Settings
+from bot.queue.autopipe import AutoPipeline, LuaScript
 
 INCR = LuaScript("return redis.call('INCRBY', KEYS[1], ARGV[1])")
 FAIL = LuaScript("return redis.error_reply('nope: ' .. ARGV[1])")
@@ -50,8 +50,8 @@ async def test_scripts_are_reloaded_after_redis_forgot_them(redis_client: aiored
 async def test_a_burst_of_enqueues_is_one_round_trip_and_keeps_idempotency_and_order(
         redis_client: aioredis.Redis, settings: Settings) -> None:
     """What the Slack adapter relies on when 100 events are acked at once."""
-    from bot.jobs import Conversation, Job
-    from bot.queue import JobQueue
+    from bot.core.jobs import Conversation, Job
+    from bot.queue.stream import JobQueue
 
     queue = JobQueue(redis_client, settings)
 

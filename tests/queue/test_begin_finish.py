@@ -7,9 +7,9 @@ import json
 
 import redis.asyncio as aioredis
 
-from bot.jobs import Event
-from bot.queue import Delivery, JobQueue
-from bot.settings import Settings
+from bot.core.jobs import Event
+from bot.core.settings import Settings
+from bot.queue.stream import Delivery, JobQueue
 from tests.queue.test_queue import make_job
 
 
@@ -125,7 +125,7 @@ async def test_concurrent_begins_share_one_round_trip(redis_client: aioredis.Red
 
 
 def test_trim_history_keeps_the_newest_turns_from_a_user_turn() -> None:
-    from bot.store import trim_history
+    from bot.worker.store import trim_history
 
     history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"{i:02d}" + "x" * 98}
                for i in range(10)]  # 10 messages of 100 characters

@@ -14,15 +14,15 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from bot.adapters.console import Console
 from bot.bench.queue import NoSandbox
-from bot.blobs import BlobStore, JobBlobs, MemoryGuard
-from bot.console import Console
-from bot.errors import ServiceBusy
-from bot.jobs import Conversation, Event, Job
-from bot.queue import JobQueue
-from bot.replies import ReplyReader
-from bot.settings import Settings
-from bot.worker import Worker
+from bot.core.errors import ServiceBusy
+from bot.core.jobs import Conversation, Event, Job
+from bot.core.settings import Settings
+from bot.queue.blobs import BlobStore, JobBlobs, MemoryGuard
+from bot.queue.replies import ReplyReader
+from bot.queue.stream import JobQueue
+from bot.worker.service import Worker
 from runner.config import SandboxConfig
 from runner.manager import SandboxManager
 from tests.conftest import RunningWorkers, _remove_test_containers
@@ -166,7 +166,7 @@ async def test_files_past_the_jobs_budget_are_named_not_sent(
 async def test_a_worker_sheds_new_jobs_near_maxmemory_and_takes_them_again_after(
         own_redis: RedisServer, own_client: aioredis.Redis, make_settings: Any, model_server: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from bot import blobs
+    from bot.queue import blobs
 
     monkeypatch.setattr(blobs, "CHECK_S", 0.2)
     model_server.script = ["fine"]

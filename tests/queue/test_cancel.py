@@ -9,9 +9,9 @@ from typing import Any
 import docker
 import redis.asyncio as aioredis
 
-from bot.jobs import Job
-from bot.queue import JobQueue
-from tests.queue.test_worker import finals, job
+from bot.core.jobs import Job
+from bot.queue.stream import JobQueue
+from tests.worker.test_service import finals, job
 
 
 async def _cell_started(key_prefix: str) -> None:

@@ -10,10 +10,10 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from bot.jobs import Conversation, Event
-from bot.outbox import Outbox
-from bot.queue import JobQueue
-from bot.settings import Settings
+from bot.core.jobs import Conversation, Event
+from bot.core.settings import Settings
+from bot.queue.outbox import Outbox
+from bot.queue.stream import JobQueue
 
 CONV = Conversation(platform="test", channel="c", thread="t")
 

@@ -9,9 +9,9 @@ from collections.abc import Callable
 import pytest
 import redis.asyncio as aioredis
 
-from bot.jobs import Conversation, Event, Job
-from bot.queue import GROUP, JobQueue
-from bot.settings import Settings
+from bot.core.jobs import Conversation, Event, Job
+from bot.core.settings import Settings
+from bot.queue.stream import GROUP, JobQueue
 
 
 def make_job(conv: str = "t1", key: str | None = None, text: str = "hi", reply: str = "replies") -> Job:

@@ -8,10 +8,10 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from bot import replies
-from bot.jobs import Conversation, Event
-from bot.replies import ReplyReader
-from bot.settings import Settings
+from bot.core.jobs import Conversation, Event
+from bot.core.settings import Settings
+from bot.queue import replies
+from bot.queue.replies import ReplyReader
 
 CONV = Conversation(platform="test", channel="c", thread="t")
 

@@ -14,11 +14,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from bot.bench.queue import NoopModel, NoSandbox
-from bot.errors import JobLost
-from bot.jobs import Conversation, Event, Job
-from bot.queue import GROUP, JobQueue
-from bot.settings import Settings
-from bot.worker import Worker
+from bot.core.errors import JobLost
+from bot.core.jobs import Conversation, Event, Job
+from bot.core.settings import Settings
+from bot.queue.stream import GROUP, JobQueue
+from bot.worker.service import Worker
 from tests.conftest import RunningWorkers
 
 

@@ -24,10 +24,10 @@ from typing import Any
 import docker
 import pytest
 
-from bot.errors import ConfigError, SandboxUnavailable
-from bot.sandbox_link import ThreadSandbox
-from bot.settings import Settings
-from bot.store import ConversationState
+from bot.core.errors import ConfigError, SandboxUnavailable
+from bot.core.settings import Settings
+from bot.worker.sandbox_link import ThreadSandbox
+from bot.worker.store import ConversationState
 from runner.config import SESSION_LABEL, SandboxConfig
 from runner.engines import EngineSet, EngineSpec, parse_engines
 from runner.manager import SandboxManager
@@ -184,7 +184,7 @@ def test_the_same_name_twice_is_refused() -> None:
 
 
 def test_settings_make_an_engine_set_only_when_engines_are_listed(make_settings: Callable[..., Settings]) -> None:
-    from bot.worker import _make_sandboxes
+    from bot.worker.service import _make_sandboxes
 
     assert isinstance(_make_sandboxes(make_settings()), SandboxManager)  # zero config: DOCKER_HOST
     several = _make_sandboxes(make_settings(sandbox_engines="a=unix:///run/a.sock,b=tcp://127.0.0.1:2376",
@@ -325,7 +325,7 @@ async def test_a_silent_engine_costs_a_bounded_wait_then_a_fresh_session(
 
 def test_doctor_is_ready_while_one_engine_is(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                              docker_client: docker.DockerClient) -> None:
-    from bot.doctor import run_checks
+    from bot.ops.doctor import run_checks
 
     monkeypatch.setenv("CODELOOP_SANDBOX_IMAGE", IMAGE)
     monkeypatch.setenv("CODELOOP_SANDBOX_ENGINES", f"a={MAIN},gone=unix://{tmp_path}/none.sock")
@@ -349,9 +349,9 @@ async def test_workers_keep_a_thread_on_its_engine_and_move_it_when_the_engine_d
     model_server: Any, redis_client: Any, make_settings: Callable[..., Settings], key_prefix: str,
     second: Daemon,
 ) -> None:
-    from bot.jobs import Conversation, Event, Job
-    from bot.queue import JobQueue
-    from bot.worker import Worker
+    from bot.core.jobs import Conversation, Event, Job
+    from bot.queue.stream import JobQueue
+    from bot.worker.service import Worker
     from tests.conftest import RunningWorkers
 
     model_server.script = _code_of

@@ -19,11 +19,11 @@ import docker
 import pytest
 import redis.asyncio as aioredis
 
-from bot.files_store import FilesStore, ThreadFiles, parse_size
-from bot.jobs import Conversation, Event, Job
-from bot.queue import JobQueue
-from bot.sandbox_link import RESTORED
-from bot.settings import Settings
+from bot.core.jobs import Conversation, Event, Job
+from bot.core.settings import Settings
+from bot.queue.stream import JobQueue
+from bot.worker.files_store import FilesStore, ThreadFiles, parse_size
+from bot.worker.sandbox_link import RESTORED
 
 WRITE = "```python\nopen('/mnt/data/keep.txt', 'w').write('kept 42')\nx = 1\nprint('written')\n```"
 READ = ("```python\nimport os\nprint('files:', sorted(os.listdir('/mnt/data')))\n"

@@ -19,9 +19,9 @@ from typing import Any
 import docker
 import pytest
 
-from bot.console import ConsoleRenderer
-from bot.errors import MalformedReply
-from bot.jobs import Conversation, Event
+from bot.adapters.console import ConsoleRenderer
+from bot.core.errors import MalformedReply
+from bot.core.jobs import Conversation, Event
 from runner.attach import AttachStream
 from runner.config import SandboxConfig, container_spec
 from runner.results import MAX_RICH_RESULTS, ReplyLimits, parse_result
@@ -124,7 +124,7 @@ async def test_what_a_real_cell_returns_is_encodable(session: SandboxSession) ->
 CHILD = r"""
 import asyncio, json, sys
 import docker
-from bot.errors import SessionLost
+from bot.core.errors import SessionLost
 from runner.config import SandboxConfig
 from tests.runner.test_host_trust import start_fake
 

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import docker
 import pytest
 
-from bot.errors import SandboxUnavailable, SessionLost
+from bot.core.errors import SandboxUnavailable, SessionLost
 from runner.config import SandboxConfig
 from runner.hardening import security_opt
 from runner.manager import SandboxManager

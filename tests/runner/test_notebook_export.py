@@ -11,7 +11,7 @@ from typing import Any
 import nbformat
 import redis.asyncio as aioredis
 
-from bot.queue import JobQueue
+from bot.queue.stream import JobQueue
 from tests.runner.test_files_persist import ask, conv
 
 PLOT = ("```python\nimport matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
@@ -27,7 +27,7 @@ def script(messages: list[dict[str, Any]]) -> str:
 
 
 async def exported(redis: aioredis.Redis, reply: str, job_id: str) -> dict[str, Any]:
-    from bot.jobs import Event
+    from bot.core.jobs import Event
 
     for _, fields in await redis.xrange(reply):
         event = Event.loads(fields[b"event"])

@@ -17,9 +17,9 @@ from typing import Any
 import docker
 import pytest
 
-from bot.sandbox_link import ThreadSandbox
-from bot.settings import Settings
-from bot.store import ConversationState
+from bot.core.settings import Settings
+from bot.worker.sandbox_link import ThreadSandbox
+from bot.worker.store import ConversationState
 from runner.config import SandboxConfig, container_spec
 from runner.janitor import ReapPolicy, stamped_name
 from runner.manager import SandboxManager

@@ -7,7 +7,7 @@ import base64
 
 import pytest
 
-from bot.errors import InputRejected
+from bot.core.errors import InputRejected
 from runner.session import SandboxSession
 from tests.runner.helpers import run_ok
 

@@ -1,6 +1,6 @@
 """``codeloop discord``: run the bot, or register its /code command, or print its invite URL.
 
-Running, with ``CODELOOP_METRICS_PORT`` set, it serves /metrics and health (bot/metrics_server.py):
+Running, with ``CODELOOP_METRICS_PORT`` set, it serves /metrics and health (bot/ops/metrics_server.py):
 Redis answers, and the gateway connection is up.
 """
 
@@ -16,10 +16,11 @@ import redis.asyncio as aioredis
 import yarl
 from discord.gateway import DiscordWebSocket
 
-from bot import metrics_server, redis_conn
 from bot.adapters.discord.client import CodeloopBot, invite_url
-from bot.errors import ConfigError
-from bot.settings import Settings
+from bot.core.errors import ConfigError
+from bot.core.settings import Settings
+from bot.ops import metrics_server
+from bot.queue import redis_conn
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

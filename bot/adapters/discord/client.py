@@ -16,9 +16,9 @@ from bot.adapters.discord.intake import Intake
 from bot.adapters.discord.render import EDIT_INTERVAL_S, Renderer
 from bot.adapters.discord.store import DiscordStore
 from bot.adapters.discord.views import ExportButton, RerunButton, StopButton
-from bot.queue import JobQueue
-from bot.replies import ReplyReader
-from bot.settings import Settings
+from bot.core.settings import Settings
+from bot.queue.replies import ReplyReader
+from bot.queue.stream import JobQueue
 
 log = logging.getLogger(__name__)
 

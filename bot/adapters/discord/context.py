@@ -13,7 +13,7 @@ import logging
 
 import discord
 
-from bot.jobs import encodable
+from bot.core.jobs import encodable
 
 log = logging.getLogger(__name__)
 

@@ -9,14 +9,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from bot.adapters.common import (
-    FENCE,
-    code_block,
-    human_size,
-    sandbox_full_output,
-    split_message,
-    truncate_output,
-)
+from bot.adapters.common import FENCE, code_block, sandbox_full_output, split_message, truncate_output
+from bot.core.limits import human_size
 
 MESSAGE_LIMIT = 2000  # characters of content per message
 MAX_FILES = 10  # attachments per message

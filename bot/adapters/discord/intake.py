@@ -20,26 +20,19 @@ from typing import Any, Literal
 
 import discord
 
-from bot.adapters.common import (
-    InputLimits,
-    Upload,
-    check_text,
-    check_upload,
-    is_allowed,
-    parse_control,
-    partition_uploads,
-)
+from bot.adapters.common import is_allowed, parse_control
 from bot.adapters.discord import format as fmt
 from bot.adapters.discord.context import thread_context
 from bot.adapters.discord.store import DiscordStore
 from bot.adapters.discord.views import running_view
 from bot.adapters.ownership import Ownership, known, not_yours
-from bot.errors import CodeloopError, InputRejected
-from bot.jobs import Attachment, Conversation, Job, JobKind
-from bot.queue import JobQueue
-from bot.ratelimit import Refusal
-from bot.replies import reply_stream
-from bot.settings import Settings
+from bot.core.errors import CodeloopError, InputRejected
+from bot.core.jobs import Attachment, Conversation, Job, JobKind
+from bot.core.limits import InputLimits, Upload, check_text, check_upload, partition_uploads
+from bot.core.settings import Settings
+from bot.queue.ratelimit import Refusal
+from bot.queue.replies import reply_stream
+from bot.queue.stream import JobQueue
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from bot.adapters.discord import format as fmt
 from bot.adapters.discord.store import DiscordStore
 from bot.adapters.discord.views import finished_view
 from bot.adapters.ownership import Ownership
-from bot.blobs import BlobStore, missing_note
-from bot.jobs import Event
+from bot.core.jobs import Event
+from bot.queue.blobs import BlobStore, missing_note
 
 log = logging.getLogger(__name__)
 

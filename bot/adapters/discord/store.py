@@ -16,8 +16,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from bot.jobs import Conversation, Job
-from bot.settings import Settings
+from bot.core.jobs import Conversation, Job
+from bot.core.settings import Settings
 
 # KEYS: active zset   ARGV: now, lease expiry, limit, job id, key ttl
 _RESERVE = """

@@ -37,11 +37,11 @@ from bot.adapters.slack.inbound import (
     translate,
 )
 from bot.adapters.slack.render import SlackRenderer
-from bot.jobs import Job
-from bot.queue import EnqueueResult, JobQueue
-from bot.redis_conn import claim_once
-from bot.replies import reply_stream
-from bot.settings import Settings
+from bot.core.jobs import Job
+from bot.core.settings import Settings
+from bot.queue.redis_conn import claim_once
+from bot.queue.replies import reply_stream
+from bot.queue.stream import EnqueueResult, JobQueue
 
 log = logging.getLogger(__name__)
 EVENTS_PATH = "/slack/events"

@@ -1,7 +1,7 @@
 """``codeloop slack``: run the Slack bot in Socket Mode (default) or as an HTTP Events API endpoint.
 
 Both modes also render replies: a ReplyReader on the ``slack`` reply stream feeds the renderer.
-With ``CODELOOP_METRICS_PORT`` set it serves /metrics and health (bot/metrics_server.py): Redis
+With ``CODELOOP_METRICS_PORT`` set it serves /metrics and health (bot/ops/metrics_server.py): Redis
 answers, and the Socket Mode connection is up (HTTP mode: the events listener is serving).
 """
 
@@ -15,11 +15,12 @@ import signal
 from aiohttp import web
 from slack_sdk.errors import SlackApiError
 
-from bot import metrics_server, redis_conn
 from bot.adapters.slack.app import EVENTS_PATH, SlackAdapter
-from bot.errors import ConfigError
-from bot.replies import ReplyReader
-from bot.settings import Settings
+from bot.core.errors import ConfigError
+from bot.core.settings import Settings
+from bot.ops import metrics_server
+from bot.queue import redis_conn
+from bot.queue.replies import ReplyReader
 
 log = logging.getLogger("codeloop.slack")
 SLACK_POOL_SIZE = 64  # Redis connections; each event's listener holds one for its enqueue

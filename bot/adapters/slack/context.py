@@ -18,7 +18,7 @@ from typing import Any
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.adapters.slack.render import SLACK_ERRORS
-from bot.jobs import encodable
+from bot.core.jobs import encodable
 
 log = logging.getLogger(__name__)
 

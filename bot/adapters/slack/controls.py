@@ -30,9 +30,9 @@ from bot.adapters.slack.inbound import (
 )
 from bot.adapters.slack.render import SLACK_ERRORS
 from bot.adapters.slack.transcript import escape
-from bot.jobs import Conversation, Job
-from bot.queue import EnqueueResult
-from bot.settings import Settings
+from bot.core.jobs import Conversation, Job
+from bot.core.settings import Settings
+from bot.queue.stream import EnqueueResult
 
 log = logging.getLogger(__name__)
 _USER_ID = re.compile(r"[UW][A-Z0-9]{2,}")

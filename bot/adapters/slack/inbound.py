@@ -16,10 +16,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.adapters.common import InputLimits, Upload, check_text, is_allowed, parse_control, partition_uploads
-from bot.errors import InputRejected
-from bot.jobs import Attachment, Conversation, Job
-from bot.settings import Settings
+from bot.adapters.common import is_allowed, parse_control
+from bot.core.errors import InputRejected
+from bot.core.jobs import Attachment, Conversation, Job
+from bot.core.limits import InputLimits, Upload, check_text, partition_uploads
+from bot.core.settings import Settings
 
 DM_THREAD = "dm"
 STOP_ACTION = "codeloop_stop"

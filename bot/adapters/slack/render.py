@@ -27,9 +27,9 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.adapters.ownership import Ownership
 from bot.adapters.slack.inbound import STOP_ACTION, Where, stop_value, where_from_meta
 from bot.adapters.slack.transcript import Attach, Transcript, escape
-from bot.blobs import BlobStore, missing_note
-from bot.jobs import Conversation, Event, Job
-from bot.settings import Settings
+from bot.core.jobs import Conversation, Event, Job
+from bot.core.settings import Settings
+from bot.queue.blobs import BlobStore, missing_note
 
 log = logging.getLogger(__name__)
 SLACK_ERRORS = (SlackApiError, SlackRequestError, ClientError, asyncio.TimeoutError)

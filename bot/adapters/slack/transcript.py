@@ -15,8 +15,8 @@ from typing import Any
 from bot.adapters.common import code_block, sandbox_full_output, split_message, truncate_output
 from bot.adapters.slack.markdown import escape as escape  # re-exported: adapters escape with it
 from bot.adapters.slack.markdown import to_mrkdwn
-from bot.blobs import missing_note
-from bot.jobs import Event
+from bot.core.jobs import Event
+from bot.queue.blobs import missing_note
 
 #: Slack cuts messages near 4,000 characters in practice (msg_too_long); stay below.
 MESSAGE_LIMIT = 3900
@@ -50,7 +50,7 @@ class Section:
 @dataclass
 class Attach:
     """A file to upload into the thread (an image, a file, or full output). ``blob``: the Redis
-    key holding its bytes, taken just before the upload (``bot.blobs``); ``data`` is empty then."""
+    key holding its bytes, taken just before the upload (``bot.queue.blobs``); ``data`` is empty then."""
 
     name: str
     data: bytes

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bot.adapters.discord.client import CodeloopBot
-from bot.settings import Settings
+from bot.core.settings import Settings
 from tests.adapters.discord.rig import Gateway
 from tests.fakes.discord_api import FakeDiscord
 

@@ -14,8 +14,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from bot.adapters.discord.client import CodeloopBot
-from bot.jobs import Job
-from bot.settings import Settings
+from bot.core.jobs import Job
+from bot.core.settings import Settings
 from tests.fakes.discord_api import FakeDiscord, user_json
 
 ALICE = 1400000000000000001

@@ -11,7 +11,7 @@ import pytest
 from bot import cli
 from bot.adapters.discord import cli as discord_cli
 from bot.adapters.discord.client import PERMISSIONS
-from bot.errors import ConfigError
+from bot.core.errors import ConfigError
 
 pytestmark = pytest.mark.redis
 

@@ -8,8 +8,8 @@ import itertools
 import pytest
 
 from bot.adapters.common import FENCE
-from bot.jobs import Event
-from bot.queue import JobQueue
+from bot.core.jobs import Event
+from bot.queue.stream import JobQueue
 from tests.adapters.discord.rig import ALICE, next_job
 
 pytestmark = pytest.mark.redis
@@ -22,7 +22,7 @@ class Job:
 
     def __init__(self, fake, redis, bot, job):
         self.fake, self.bot, self.job = fake, bot, job
-        self.queue = JobQueue(redis, bot.settings)
+        self.queue = JobQueue(redis, bot.core.settings)
         self.seq = itertools.count(1)
         self.thread = job.conversation.thread
 
@@ -50,7 +50,7 @@ async def started(make_bot, fake_discord, redis_client):
     async def start(**overrides):
         bot, gw = await make_bot(**overrides)
         gw.interaction(gw.slash(ALICE, "do it"))
-        last[0], job = await next_job(redis_client, bot.settings, after=last[0])
+        last[0], job = await next_job(redis_client, bot.core.settings, after=last[0])
         return Job(fake_discord, redis_client, bot, job)
 
     return start
@@ -203,7 +203,7 @@ async def test_an_event_delivered_twice_is_rendered_once(started, fake_discord, 
 
 
 async def test_files_come_from_blobs_which_are_deleted_once_taken(started, fake_discord, redis_client):
-    from bot.blobs import BlobStore
+    from bot.queue.blobs import BlobStore
 
     run = await started()
     blobs = BlobStore(redis_client, run.bot.settings)

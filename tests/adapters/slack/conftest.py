@@ -18,9 +18,9 @@ import pytest
 from aiohttp import web
 
 from bot.adapters.slack.app import EVENTS_PATH, SlackAdapter
-from bot.jobs import Job
-from bot.replies import ReplyReader
-from bot.settings import Settings
+from bot.core.jobs import Job
+from bot.core.settings import Settings
+from bot.queue.replies import ReplyReader
 from tests.fakes.slack_api import FakeSlackAPI
 
 SECRET = "test-signing-secret"

@@ -11,8 +11,8 @@ import yaml
 
 from bot.adapters.slack import cli
 from bot.adapters.slack.inbound import EXPORT_SHORTCUT, RESET_SHORTCUT
-from bot.errors import ConfigError
-from bot.settings import Settings
+from bot.core.errors import ConfigError
+from bot.core.settings import Settings
 
 MANIFEST = Path(__file__).resolve().parents[3] / "deploy" / "slack-manifest.yml"
 
@@ -38,7 +38,7 @@ def test_a_bot_token_in_place_of_the_app_token_is_caught(monkeypatch):
 
 
 async def test_socket_mode_receives_events_acks_them_and_enqueues(make_settings, fake_slack, redis_client):
-    from bot.jobs import Job
+    from bot.core.jobs import Job
     from tests.adapters.slack.conftest import event_body, mention
 
     settings = make_settings(slack_bot_token=fake_slack.token, slack_app_token=fake_slack.app_token,

@@ -7,8 +7,8 @@ import base64
 import itertools
 import time
 
-from bot.jobs import Event
-from bot.queue import JobQueue
+from bot.core.jobs import Event
+from bot.queue.stream import JobQueue
 from tests.adapters.slack.conftest import CHANNEL, event_body, mention
 
 PNG = base64.b64decode(
@@ -170,9 +170,9 @@ async def test_reset_is_confirmed_in_the_thread_without_a_status_message(make_ri
 
 
 async def test_files_come_from_blobs_which_are_deleted_once_uploaded(make_rig):
-    """Events name a blob key (bot/blobs.py): the renderer takes it (fetch + delete) and uploads it;
+    """Events name a blob key (bot/queue/blobs.py): the renderer takes it (fetch + delete) and uploads it;
     a file the worker skipped, or whose blob expired, is named with the reason instead."""
-    from bot.blobs import BlobStore
+    from bot.queue.blobs import BlobStore
 
     rig = await make_rig(edit_interval=0.05)
     event, job, emit = await start_job(rig)

@@ -18,7 +18,7 @@ from typing import Any
 import nbformat as _nbformat
 from nbformat import v4 as _v4
 
-from bot.jobs import Event
+from bot.core.jobs import Event
 
 # nbformat is untyped: used through Any
 nbformat: Any = _nbformat
@@ -45,7 +45,7 @@ class NotebookRecorder:
 
     def event(self, event: Event, data: bytes | None = None) -> None:
         """Record one reply event; ``data``: the bytes of an image event whose payload carries a
-        blob reference instead of inline base64 (``bot.blobs``)."""
+        blob reference instead of inline base64 (``bot.queue.blobs``)."""
         p = event.payload
         if event.type == "delta":
             self._text.setdefault(event.job_id, []).append(str(p.get("text", "")))

@@ -29,9 +29,9 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from bot.errors import DownloadRefused, InputRejected
-from bot.jobs import Attachment
-from bot.settings import Settings
+from bot.core.errors import DownloadRefused, InputRejected
+from bot.core.jobs import Attachment
+from bot.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

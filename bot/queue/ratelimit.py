@@ -30,9 +30,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from bot.errors import RateLimited, Refused, TooManyPending
-from bot.jobs import Job
-from bot.settings import Settings
+from bot.core.errors import RateLimited, Refused, TooManyPending
+from bot.core.jobs import Job
+from bot.core.settings import Settings
 
 __all__ = ["Admission", "FairSlots", "RateLimited", "RateLimiter", "user_key"]
 

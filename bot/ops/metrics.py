@@ -1,4 +1,4 @@
-"""Prometheus metrics (served with health on CODELOOP_METRICS_PORT: bot/metrics_server.py) and the
+"""Prometheus metrics (served with health on CODELOOP_METRICS_PORT: bot/ops/metrics_server.py) and the
 logging set-up every command shares (``bot.cli`` applies it before a command runs)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from bot.settings import Settings
+from bot.core.settings import Settings
 
 JOBS = Counter("codeloop_jobs_total", "Jobs finished, by outcome", ["outcome"])
 JOB_SECONDS = Histogram(
@@ -39,8 +39,8 @@ log_context: ContextVar[dict[str, str]] = ContextVar("codeloop_log_context", def
 
 
 def start_metrics_server(settings: Settings) -> None:
-    """Serve /metrics, /healthz and /livez when CODELOOP_METRICS_PORT is set (bot/metrics_server.py)."""
-    from bot import metrics_server
+    """Serve /metrics, /healthz and /livez when CODELOOP_METRICS_PORT is set (bot/ops/metrics_server.py)."""
+    from bot.ops import metrics_server
 
     metrics_server.start(settings)
 

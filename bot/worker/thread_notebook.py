@@ -1,7 +1,7 @@
 """A thread's notebook as the worker keeps it, so any adapter replica can export it (issue 16 item 6).
 
-Each message job records its cells (``bot.notebook.NotebookRecorder`` fed with the job's own events)
-and appends them to ``notebook.json`` in the thread's folder of the file store (bot/files_store.py):
+Each message job records its cells (``bot.core.notebook.NotebookRecorder`` fed with the job's own events)
+and appends them to ``notebook.json`` in the thread's folder of the file store (bot/worker/files_store.py):
 the same isolation, cap, expiry and reset as the thread's files. An ``export`` job answers with the
 validated .ipynb as a ``file`` event; Slack posts it into the thread, Discord attaches it.
 """
@@ -12,8 +12,8 @@ import json
 import os
 from typing import Any
 
-from bot.files_store import ThreadFiles
-from bot.notebook import NotebookRecorder, dumps, nbformat, to_notebook
+from bot.core.notebook import NotebookRecorder, dumps, nbformat, to_notebook
+from bot.worker.files_store import ThreadFiles
 
 NOTEBOOK = "notebook.json"
 DROPPED = "[image dropped: this thread's notebook is over its size cap]"

@@ -7,13 +7,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from bot.adapters.common import safe_filename
-from bot.downloads import Downloader, too_big
-from bot.errors import InputRejected, JobCancelled, SessionLost
-from bot.files_store import FilesStore, ThreadFiles
-from bot.jobs import Attachment
-from bot.settings import Settings
-from bot.store import ConversationState
+from bot.core.errors import InputRejected, JobCancelled, SessionLost
+from bot.core.jobs import Attachment
+from bot.core.limits import safe_filename
+from bot.core.settings import Settings
+from bot.worker.downloads import Downloader, too_big
+from bot.worker.files_store import FilesStore, ThreadFiles
+from bot.worker.store import ConversationState
 from runner.results import ErrorInfo, ExecutionResult, FileResult
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class ThreadSandbox:
         self.in_cell = False
         self.cancelled = asyncio.Event()
         self.store = FilesStore.from_settings(settings)
-        #: the worker's copy of this thread's /mnt/data (bot/files_store.py)
+        #: the worker's copy of this thread's /mnt/data (bot/worker/files_store.py)
         self.files: ThreadFiles = self.store.thread(label)
         self._touched = False
 
@@ -162,7 +162,7 @@ class ThreadSandbox:
             await self.session.interrupt()
 
     async def upload(self, attachments: list[Attachment]) -> list[str]:
-        """Fetch each attachment (``bot.downloads``) and place it in /mnt/data; returns the names used."""
+        """Fetch each attachment (``bot.worker.downloads``) and place it in /mnt/data; returns the names used."""
         names = []
         async with Downloader(self.settings) as downloader:
             for att in attachments:

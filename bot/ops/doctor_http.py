@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from bot import __version__
-from bot.settings import Settings
+from bot.core.settings import Settings
 
 #: the bot scopes deploy/slack-manifest.yml grants; each one is used (tests keep the two in step)
 SLACK_SCOPES = frozenset({"app_mentions:read", "chat:write", "reactions:write", "files:read", "files:write",

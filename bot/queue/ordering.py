@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 
 import redis.asyncio as aioredis
 
-from bot.jobs import Job
-from bot.queue import JobQueue
+from bot.core.jobs import Job
+from bot.queue.stream import JobQueue
 
 log = logging.getLogger(__name__)
 #: a waiting job re-checks its turn after this long without a wake-up, doubling up to POLL_MAX_S:

@@ -5,7 +5,7 @@ has no size cap, and the engine proxy allows no such mount). Instead the worker 
 holds: every upload it puts and every file a cell returns (names and sizes re-checked by
 runner/results.py) are written here, under ``CODELOOP_FILES_DIR/<hash of the conversation>/data/``.
 When a thread gets a fresh session (idle reaped, crashed, engine lost, worker restarted), the files
-are put back before its next cell (bot/sandbox_link.py).
+are put back before its next cell (bot/worker/sandbox_link.py).
 
 * Names are the host-checked relative names; the thread's folder is named by a hash of the
   conversation key (never by anything from the sandbox), and every path is walked component by
@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bot.settings import Settings
+from bot.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
     │   ├── PoisonJob                  an entry that can never be processed (bad JSON, schema)
     │   └── JobLost                    a job's entry vanished from the stream, or its turn never came
     ├── Refused                        a limit turned a request away before it ran (says when to retry)
-    │   ├── RateLimited                a user's or channel's token bucket is empty (bot/ratelimit.py)
+    │   ├── RateLimited                a user's or channel's token bucket is empty (bot/queue/ratelimit.py)
     │   ├── TooManyPending             the user already has the most requests queued or running
     │   └── ServiceBusy                Redis is close to its maxmemory: new jobs are shed
     ├── ModelError                     the model backend failed
@@ -153,7 +153,7 @@ class InputRejected(CodeloopError):
 
 
 class DownloadRefused(InputRejected):
-    """Raised by the downloads' resolver; ``bot.downloads`` turns it into a message naming the file."""
+    """Raised by the downloads' resolver; ``bot.worker.downloads`` turns it into a message naming the file."""
 
 
 class JobCancelled(CodeloopError):

@@ -22,11 +22,11 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from bot.autopipe import AutoPipeline, LuaScript
-from bot.errors import QueueError
-from bot.jobs import Event
-from bot.redis_conn import run_replicated
-from bot.settings import Settings
+from bot.core.errors import QueueError
+from bot.core.jobs import Event
+from bot.core.settings import Settings
+from bot.queue.autopipe import AutoPipeline, LuaScript
+from bot.queue.redis_conn import run_replicated
 
 log = logging.getLogger(__name__)
 

@@ -11,21 +11,21 @@ Keys (under the settings' prefix):
     conv:<key>:lock           token of the delivery running the conversation's current job
     conv:<key>:waiting        highest seq found early by begin (finish publishes ``turn`` for it)
     conv:<key>:q              seq -> its entry id and what to tell its user if the entry is lost
-    conv:<key>:state          the conversation's state (``bot.store``)
-    active:<user>, notice:<user>, rate:...   admission at enqueue (``bot.ratelimit``)
+    conv:<key>:state          the conversation's state (``bot.worker.store``)
+    active:<user>, notice:<user>, rate:...   admission at enqueue (``bot.queue.ratelimit``)
     cancel (pub/sub)          Stop requests: a conversation key, or "job:<job id>:<conversation key>"
     cancelled:<job id>        a Stop for one job (TTL); a job found here when it begins is not run
     turn (pub/sub)            "<done>:<conversation key>": a conversation advanced its ``done`` counter
 
 Ordering: enqueue assigns each job the next ``seq`` of its conversation atomically with the
 XADD, so stream order and seq order agree. A worker runs job ``seq`` only once ``done ==
-seq - 1`` (``bot.ordering``). A turn never waits forever: a job whose predecessor's entry is
+seq - 1`` (``bot.queue.ordering``). A turn never waits forever: a job whose predecessor's entry is
 gone from the stream skips it (the predecessor's user is told to send it again, and it is
 dead-lettered with the reason), and a predecessor that neither runs nor finishes for
 ``turn_wait_s`` is skipped the same way (``skip_stuck``).
 
 Admission: the adapters enqueue with ``limits=True``, which checks the user's pending cap and the
-rate buckets in the enqueue script itself (``bot.ratelimit``): a refusal costs one round trip and
+rate buckets in the enqueue script itself (``bot.queue.ratelimit``): a refusal costs one round trip and
 leaves no entry; the entry of an admitted job is marked so the worker doesn't charge it again.
 
 A job costs three round trips besides its share of XREADGROUP: the enqueue script, ``begin``
@@ -47,19 +47,19 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from bot.autopipe import AutoPipeline, LuaScript
-from bot.errors import JobLost, PoisonJob
-from bot.jobs import Conversation, Event, Job
-from bot.ratelimit import ADMIT_LUA, Admission, Refusal, active_key
-from bot.redis_conn import claim_once, run_replicated
-from bot.settings import Settings
+from bot.core.errors import JobLost, PoisonJob
+from bot.core.jobs import Conversation, Event, Job
+from bot.core.settings import Settings
+from bot.queue.autopipe import AutoPipeline, LuaScript
+from bot.queue.ratelimit import ADMIT_LUA, Admission, Refusal, active_key
+from bot.queue.redis_conn import claim_once, run_replicated
 
 log = logging.getLogger(__name__)
 
 GROUP = "workers"
 _LOST_PAYLOAD = {"kind": JobLost.kind, "message": JobLost.generic}
 
-# KEYS: idem, seq, done, stream, index, admission keys (bot.ratelimit.Admission)...
+# KEYS: idem, seq, done, stream, index, admission keys (bot.queue.ratelimit.Admission)...
 # ARGV: job id, idem ttl, conv ttl, job json, lost record, mode ('' | charge | admitted), admission args...
 # The idempotency key holds "<job id>:<seq>". Found with this call's own job id, it is this call
 # run again (redis-py resends a command whose reply a Redis restart lost): still "created", or the
@@ -90,7 +90,7 @@ redis.call('EXPIRE', KEYS[5], ARGV[3])
 return {1, ARGV[1], seq}
 """)
 
-# KEYS: admission keys   ARGV: admission args   -> nil, or a refusal (bot.ratelimit.ADMIT_LUA)
+# KEYS: admission keys   ARGV: admission args   -> nil, or a refusal (bot.queue.ratelimit.ADMIT_LUA)
 _ADMIT = LuaScript(ADMIT_LUA + """
 return admit(1, 1)
 """)
@@ -338,7 +338,7 @@ class JobQueue:
         return self._enqueue_result(reply)
 
     async def enqueue_many(self, jobs: list[Job], *, limits: bool = False) -> list[EnqueueResult]:
-        """``enqueue`` for a burst; the enqueues share one round trip (``bot.autopipe``)."""
+        """``enqueue`` for a burst; the enqueues share one round trip (``bot.queue.autopipe``)."""
         return list(await asyncio.gather(*(self.enqueue(job, limits=limits) for job in jobs)))
 
     async def admit(self, job: Job) -> Refusal | None:

@@ -3,7 +3,7 @@
 The worker begins a job with ``JobQueue.begin`` (its turn, the conversation lock, the saved state)
 and every way a job ends goes through ``JobRun.finish``: the events still unsent, the terminal
 event, the new state, the ack and the lock's release in one script. Images and files the code
-makes go to blob keys before their events are published (``bot.blobs``): events carry names.
+makes go to blob keys before their events are published (``bot.queue.blobs``): events carry names.
 """
 
 from __future__ import annotations
@@ -16,23 +16,24 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from bot import metrics, thread_notebook
-from bot.adapters.common import InputLimits, Upload, check_upload
 from bot.agent.loop import Turn
 from bot.agent.prompts import SYSTEM_PROMPT, THREAD_CONTEXT_ASK, THREAD_CONTEXT_INTRO, files_note
-from bot.blobs import BlobStore, JobBlobs, MemoryGuard
-from bot.downloads import DownloadPolicy
-from bot.errors import CodeloopError, InputRejected, JobCancelled, Refused, ServiceBusy
-from bot.files_store import FilesStore
-from bot.jobs import Event, Job
+from bot.core.errors import CodeloopError, InputRejected, JobCancelled, Refused, ServiceBusy
+from bot.core.jobs import Event, Job
+from bot.core.limits import InputLimits, Upload, check_upload
+from bot.core.notebook import NotebookRecorder
+from bot.core.settings import Settings
 from bot.llm.base import GenerationParams, ModelClient
-from bot.notebook import NotebookRecorder
-from bot.outbox import Outbox
-from bot.queue import Delivery, JobQueue
-from bot.ratelimit import RateLimiter
-from bot.sandbox_link import ThreadSandbox
-from bot.settings import Settings
-from bot.store import ConversationState, ConversationStore, trim_history
+from bot.ops import metrics
+from bot.queue.blobs import BlobStore, JobBlobs, MemoryGuard
+from bot.queue.outbox import Outbox
+from bot.queue.ratelimit import RateLimiter
+from bot.queue.stream import Delivery, JobQueue
+from bot.worker import thread_notebook
+from bot.worker.downloads import DownloadPolicy
+from bot.worker.files_store import FilesStore
+from bot.worker.sandbox_link import ThreadSandbox
+from bot.worker.store import ConversationState, ConversationStore, trim_history
 
 if TYPE_CHECKING:
     from runner.engines import Sandboxes
@@ -64,7 +65,7 @@ class JobRun:
         self.sandbox: ThreadSandbox | None = None
         self.task: asyncio.Task[Any] | None = None
         self.stopped = False
-        #: this job's cells for the thread's notebook (bot/thread_notebook.py), fed by ``emit``
+        #: this job's cells for the thread's notebook (bot/worker/thread_notebook.py), fed by ``emit``
         self.notebook: NotebookRecorder | None = None
 
     def event(self, type_: str, payload: dict[str, Any]) -> Event:
@@ -210,7 +211,7 @@ class JobRun:
         return final
 
     async def _export(self) -> Event:
-        """The thread as a notebook (bot/thread_notebook.py), answered as a file event."""
+        """The thread as a notebook (bot/worker/thread_notebook.py), answered as a file event."""
         key = self.job.conversation.key
         files = FilesStore.from_settings(self.settings).thread(key)
         data = await asyncio.to_thread(thread_notebook.export, files, key)

@@ -15,9 +15,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from bot.jobs import Conversation
+from bot.core.jobs import Conversation
+from bot.core.settings import Settings
 from bot.llm.base import ChatMessage
-from bot.settings import Settings
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Checks what a job needs, in the order it needs it: settings, Redis, the Docker engine, the
 sandbox image, the model (served under the name CODELOOP_MODEL gives), and the chat platform
 tokens of the adapters that are configured, asked of Slack and Discord themselves
-(bot/doctor_http.py). Settings come from the environment and ./.env, as for every command.
+(bot/ops/doctor_http.py). Settings come from the environment and ./.env, as for every command.
 A problem is one line naming what is wrong and how to fix it; the exit status is 1 when any
 check failed (warnings do not fail), so it serves as a container healthcheck too
 (``--only redis,docker,sandbox --quiet``). Nothing secret is printed: URLs lose their passwords.
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from bot import doctor_http
-from bot.doctor_http import Advice, Problem, redact
-from bot.errors import ConfigError
-from bot.settings import Settings
+from bot.core.errors import ConfigError
+from bot.core.settings import Settings
+from bot.ops import doctor_http
+from bot.ops.doctor_http import Advice, Problem, redact
 
 Status = Literal["ok", "warn", "FAIL", "skip"]
 CHECKS = ("settings", "redis", "docker", "sandbox", "model", "slack", "discord")
@@ -49,7 +49,7 @@ class Doctor:
     def redis(self) -> str:
         import redis
 
-        from bot import redis_conn
+        from bot.queue import redis_conn
 
         url = redis_conn.where(self.settings) if self.settings.redis_sentinels else redact(self.settings.redis_url)
         client = redis_conn.sync_client(self.settings, self.timeout)

@@ -26,8 +26,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from bot.errors import ServiceBusy
-from bot.settings import Settings
+from bot.core.errors import ServiceBusy
+from bot.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

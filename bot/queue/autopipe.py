@@ -9,7 +9,7 @@ for nothing: the batch is sent at the end of the tick that made it.
 
 Scripts run by SHA. Redis forgets its scripts when it restarts (they are not in the AOF), so a
 NOSCRIPT reply loads the script and sends that call again. Connection errors are retried by the
-client's retry policy (``bot.redis_conn``), like any other command.
+client's retry policy (``bot.queue.redis_conn``), like any other command.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ included, asks the sentinels for the master instead of dialling ``CODELOOP_REDIS
 a connection the dead master dropped reconnects through them, and one still open to an old
 master that came back as a replica turns its ``READONLY`` reply into a reconnect (redis-py's
 ``SentinelManagedConnection``); either way the command runs again on the new master within the
-same outage budget. Scripts the new master lacks are loaded on ``NOSCRIPT`` (``bot.autopipe``).
+same outage budget. Scripts the new master lacks are loaded on ``NOSCRIPT`` (``bot.queue.autopipe``).
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelMan
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import NoScriptError
 
-from bot.errors import QueueError
-from bot.settings import Settings
+from bot.core.errors import QueueError
+from bot.core.settings import Settings
 
 if TYPE_CHECKING:
-    from bot.autopipe import LuaScript
+    from bot.queue.autopipe import LuaScript
 
 log = logging.getLogger(__name__)
 

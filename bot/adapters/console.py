@@ -22,15 +22,16 @@ import threading
 import uuid
 from pathlib import Path
 
-from bot import metrics, redis_conn
-from bot.blobs import BlobStore, inline_bytes, missing_note
-from bot.errors import InputRejected
-from bot.jobs import Attachment, Conversation, Event, Job
-from bot.notebook import NotebookRecorder, dumps
-from bot.queue import JobQueue
-from bot.sandbox_link import safe_filename
-from bot.settings import Settings
-from bot.worker import Worker, any_worker_alive
+from bot.core.errors import InputRejected
+from bot.core.jobs import Attachment, Conversation, Event, Job
+from bot.core.notebook import NotebookRecorder, dumps
+from bot.core.settings import Settings
+from bot.ops import metrics
+from bot.queue import redis_conn
+from bot.queue.blobs import BlobStore, inline_bytes, missing_note
+from bot.queue.stream import JobQueue
+from bot.worker.sandbox_link import safe_filename
+from bot.worker.service import Worker, any_worker_alive
 
 log = logging.getLogger(__name__)
 

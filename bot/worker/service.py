@@ -6,7 +6,7 @@ one here is parked (a Delivery in memory, no task) until that one finishes, and 
 don't count against intake, so one thread's backlog never keeps the worker from reading
 everyone else's jobs. A heartbeat keeps held entries fresh and renews conversation locks;
 entries of a dead worker are reclaimed after ``claim_idle_s`` and dead-lettered after
-``max_deliveries``. While Redis is near its ``maxmemory`` (``bot.blobs.MemoryGuard``) new jobs
+``max_deliveries``. While Redis is near its ``maxmemory`` (``bot.queue.blobs.MemoryGuard``) new jobs
 end at once with a message. SIGTERM stops intake, lets running jobs finish for a grace period,
 then releases the rest for another worker.
 """
@@ -30,17 +30,18 @@ from typing import TYPE_CHECKING
 import aiohttp
 import redis.asyncio as aioredis
 
-from bot import metrics, redis_conn
-from bot.blobs import BlobStore, MemoryGuard
-from bot.jobrun import JobRun
-from bot.jobs import Event
+from bot.core.jobs import Event
+from bot.core.settings import Settings
 from bot.llm import make_client
 from bot.llm.base import ModelClient
-from bot.ordering import Signals, StuckTurn
-from bot.queue import Delivery, JobQueue
-from bot.ratelimit import FairSlots, RateLimiter, user_key
-from bot.settings import Settings
-from bot.store import ConversationStore
+from bot.ops import metrics
+from bot.queue import redis_conn
+from bot.queue.blobs import BlobStore, MemoryGuard
+from bot.queue.ordering import Signals, StuckTurn
+from bot.queue.ratelimit import FairSlots, RateLimiter, user_key
+from bot.queue.stream import Delivery, JobQueue
+from bot.worker.jobrun import JobRun
+from bot.worker.store import ConversationStore
 
 if TYPE_CHECKING:
     from runner.engines import Sandboxes
@@ -353,7 +354,7 @@ def main(args: argparse.Namespace) -> int:
     metrics.start_metrics_server(settings)
 
     async def serve() -> None:
-        from bot.metrics_server import PROBE, redis_check
+        from bot.ops.metrics_server import PROBE, redis_check
 
         worker = Worker(settings)
         loop = asyncio.get_running_loop()

@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from bot.errors import ConfigError
+from bot.core.errors import ConfigError
 
 DEFAULT_MODEL = "m-a-p/OpenCodeInterpreter-DS-1.3B"
 DEFAULT_ENV_FILE = ".env"
@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     sandbox_cell_timeout_s: float = Field(30.0, gt=0)
     sandbox_tmp_size: str = "64m"
     sandbox_data_size: str = "256m"
-    #: the worker's copy of each thread's /mnt/data (bot/files_store.py), restored into a fresh session
+    #: the worker's copy of each thread's /mnt/data (bot/worker/files_store.py), restored into a fresh session
     files_dir: str | None = Field(None, description="per-thread file store; unset: ~/.local/share/codeloop/files")
     sandbox_wheelhouse: str | None = Field(
         None, pattern=r"^(/[A-Za-z0-9._@+-]+)+$",
@@ -132,7 +132,7 @@ class Settings(BaseSettings):
     # --- input limits ------------------------------------------------------------------------
     max_message_chars: int = Field(20_000, ge=100)
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
-    #: FOR TESTS ONLY (bot/downloads.py): host:port pairs exempt from the download host, https and
+    #: FOR TESTS ONLY (bot/worker/downloads.py): host:port pairs exempt from the download host, https and
     #: public-address rules, with the platform's token sent to them; never set it in production
     download_test_hosts: CSV = Field(
         default_factory=list,
@@ -140,7 +140,7 @@ class Settings(BaseSettings):
                     "token (the test fakes on loopback); empty in production")
     feedback_chars: int = Field(1000, ge=100, description="output the model sees, head + tail")
 
-    # --- rate limits and fairness (bot/ratelimit.py; 0 turns a bucket off) ------------------
+    # --- rate limits and fairness (bot/queue/ratelimit.py; 0 turns a bucket off) ------------------
     rate_user_per_min: int = Field(20, ge=0, description="requests a user may start per minute (burst = this)")
     rate_channel_per_min: int = Field(60, ge=0, description="requests a channel may start per minute")
     worker_user_concurrency: int = Field(2, ge=1, description="one user's jobs running at once in a worker")

@@ -13,8 +13,8 @@ import logging
 
 from redis.exceptions import RedisError
 
-from bot.jobs import Event
-from bot.queue import JobQueue
+from bot.core.jobs import Event
+from bot.queue.stream import JobQueue
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from bot import redis_conn
-from bot.settings import Settings
+from bot.core.settings import Settings
+from bot.queue import redis_conn
 
 log = logging.getLogger(__name__)
 

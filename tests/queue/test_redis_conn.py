@@ -1,11 +1,11 @@
-"""bot.redis_conn against a real Redis: the once-only claim that survives its own resend."""
+"""bot.queue.redis_conn against a real Redis: the once-only claim that survives its own resend."""
 
 from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from bot.redis_conn import claim_once
-from bot.settings import Settings
+from bot.core.settings import Settings
+from bot.queue.redis_conn import claim_once
 
 
 async def test_claim_once_is_first_callers_even_when_its_set_is_resent(redis_client: aioredis.Redis,

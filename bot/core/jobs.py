@@ -22,7 +22,7 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticSerializationError
 
-from bot.errors import PoisonJob
+from bot.core.errors import PoisonJob
 
 SCHEMA_VERSION: Literal[1] = 1
 
