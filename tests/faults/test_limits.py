@@ -260,12 +260,12 @@ async def test_discord_code_over_the_limit_is_refused_privately_before_anything_
         make_bot: Any, fake_discord: Any, redis_client: aioredis.Redis) -> None:  # noqa: F811
     bot, gw = await make_bot(rate_user_per_min=1, rate_channel_per_min=0, discord_user_concurrency=5)
     gw.interaction(gw.slash(ALICE, "first"))
-    await next_job(redis_client, bot.core.settings)
+    await next_job(redis_client, bot.settings)
     second = gw.slash(ALICE, "second")
     gw.interaction(second)
     calls = await fake_discord.wait_for(lambda: fake_discord.find("POST", rf"/interactions/{second['id']}/.*"))
     assert calls[0].json["type"] == 4 and calls[0].json["data"]["flags"] == 64  # ephemeral, no defer
     assert "faster than 1 per minute" in calls[0].json["data"]["content"]
     assert len(fake_discord.find("POST", r"/channels/\d+/messages/\d+/threads")) == 1  # no thread for it
-    assert await redis_client.xlen(bot.core.settings.key("jobs")) == 1
-    assert await redis_client.zcard(bot.core.settings.key("discord", "active", str(ALICE))) == 1  # slot given back
+    assert await redis_client.xlen(bot.settings.key("jobs")) == 1
+    assert await redis_client.zcard(bot.settings.key("discord", "active", str(ALICE))) == 1  # slot given back

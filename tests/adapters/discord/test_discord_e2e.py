@@ -54,7 +54,7 @@ async def test_code_streams_into_a_thread_and_a_follow_up_reuses_the_session(
     gw.interaction(slash)
     await fake_discord.wait_for(lambda: fake_discord.find("POST", r"/interactions/.*/callback"))
     assert time.monotonic() - started < 3.0  # Discord's deadline for the first answer
-    entry, job = await next_job(redis_client, bot.core.settings)
+    entry, job = await next_job(redis_client, bot.settings)
     thread = job.conversation.thread
     assert fake_discord.find("POST", rf"/channels/{fake_discord.channel_id}/messages/{thread}/threads")
 
@@ -70,7 +70,7 @@ async def test_code_streams_into_a_thread_and_a_follow_up_reuses_the_session(
 
     follow = gw.message(ALICE, thread, "what is the largest of ys?")
     gw.send_message(follow)
-    _, job2 = await next_job(redis_client, bot.core.settings, after=entry)
+    _, job2 = await next_job(redis_client, bot.settings, after=entry)
     status2 = await _done(fake_discord, job2)
     assert status2["message_reference"]["message_id"] == follow["id"]
     contents = [m["content"] for m in _thread_after(fake_discord, thread, status2["id"])]
@@ -89,7 +89,7 @@ async def test_a_5000_character_answer_and_output_are_split_and_attached(
     await start_worker()
     bot, gw = await make_bot(edit_interval_s=0.3)
     gw.interaction(gw.slash(ALICE, "print a long report"))
-    _, job = await next_job(redis_client, bot.core.settings)
+    _, job = await next_job(redis_client, bot.settings)
     status = await _done(fake_discord, job)
     messages = _thread_after(fake_discord, job.conversation.thread, status["id"])
     answer = [m["content"] for m in messages[:-2]]
@@ -113,7 +113,7 @@ async def test_stop_button_cancels_a_long_cell(make_bot, start_worker, model_ser
     await start_worker(sandbox_cell_timeout_s=30.0)
     bot, gw = await make_bot(edit_interval_s=0.2)
     gw.interaction(gw.slash(ALICE, "sleep for ten seconds"))
-    _, job = await next_job(redis_client, bot.core.settings)
+    _, job = await next_job(redis_client, bot.settings)
     status_id = int(job.meta["status_message_id"])
     await fake_discord.wait_for(lambda: fake_discord.messages[status_id]["content"] == "⏳ running code…", 60)
     pressed = time.monotonic()
@@ -139,7 +139,7 @@ async def test_export_button_attaches_the_threads_notebook(make_bot, start_worke
     await start_worker()
     bot, gw = await make_bot(edit_interval_s=0.3)
     gw.interaction(gw.slash(ALICE, "plot the first five squares"))
-    _, job = await next_job(redis_client, bot.core.settings)
+    _, job = await next_job(redis_client, bot.settings)
     status = await _done(fake_discord, job)
     assert f"codeloop:export:{job.id}" in str(status["components"])
 
@@ -174,7 +174,7 @@ async def test_a_flooded_cell_posts_one_file_with_its_full_output(
     await start_worker()
     bot, gw = await make_bot(edit_interval_s=0.3)
     gw.interaction(gw.slash(ALICE, "print 3000 rows"))
-    _, job = await next_job(redis_client, bot.core.settings)
+    _, job = await next_job(redis_client, bot.settings)
     status = await _done(fake_discord, job)
     messages = _thread_after(fake_discord, job.conversation.thread, status["id"])
     attachments = [a for m in messages for a in m["attachments"]]

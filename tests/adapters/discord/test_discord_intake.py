@@ -19,7 +19,7 @@ def _components(message: dict) -> list[str]:
 
 
 async def _finish(redis, bot, job):
-    await JobQueue(redis, bot.core.settings).publish(job.reply_stream, Event(
+    await JobQueue(redis, bot.settings).publish(job.reply_stream, Event(
         job_id=job.id, conversation=job.conversation, seq=1, type="final", payload={"text": "", "ok": True},
         meta=job.meta))
 
@@ -33,7 +33,7 @@ async def _start(fake, gw, redis, bot, prompt="plot y = x**2", file=None):
     """/code, waited for until its job is on the stream."""
     payload = gw.slash(ALICE, prompt, file=file)
     gw.interaction(payload)
-    entry, job = await next_job(redis, bot.core.settings)
+    entry, job = await next_job(redis, bot.settings)
     return payload, entry, job
 
 
@@ -66,7 +66,7 @@ async def test_code_defers_first_then_threads_and_enqueues(make_bot, fake_discor
                         "status_message_id": status["id"]}
     [att] = job.attachments
     assert (att.name, att.size, att.mime, att.url, att.auth) == ("sales.csv", 19, "text/csv", csv["url"], "discord")
-    assert job.reply_stream == bot.core.settings.key("replies", "discord")
+    assert job.reply_stream == bot.settings.key("replies", "discord")
 
 
 async def test_code_enqueues_text_cleaned_of_lone_surrogates(make_bot, fake_discord, redis_client):
@@ -85,7 +85,7 @@ async def test_code_in_a_disallowed_channel_is_refused_privately(make_bot, fake_
     assert call[0].json["type"] == 4 and call[0].json["data"]["flags"] == 64
     assert "not enabled in this channel" in call[0].json["data"]["content"]
     await asyncio.sleep(0.2)
-    assert await redis_client.xlen(bot.core.settings.key("jobs")) == 0
+    assert await redis_client.xlen(bot.settings.key("jobs")) == 0
     assert not fake_discord.find("POST", r"/channels/\d+/messages/\d+/threads")
 
 
@@ -108,12 +108,12 @@ async def test_per_user_concurrency_limit_and_release(make_bot, fake_discord, re
 
     other = gw.slash(BOB, "bob's own")  # the limit is per user
     gw.interaction(other)
-    entry2, _ = await next_job(redis_client, bot.core.settings, after=entry)
+    entry2, _ = await next_job(redis_client, bot.settings, after=entry)
 
     await _finish(redis_client, bot, job)  # the job's terminal event gives the slot back
     await fake_discord.wait_for(lambda: "Done" in fake_discord.in_channel(job.meta["thread_id"])[0]["content"])
     gw.interaction(gw.slash(ALICE, "third"))
-    _, third = await next_job(redis_client, bot.core.settings, after=entry2)
+    _, third = await next_job(redis_client, bot.settings, after=entry2)
     assert third.text == "third"
 
 
@@ -127,7 +127,7 @@ async def test_messages_in_the_thread_continue_it_and_others_are_ignored(make_bo
     follow = gw.message(BOB, thread, "now print x", attachments=[
         fake_discord.add_cdn_file(int(thread), "more.json", b"{}")])
     gw.send_message(follow)
-    _, job2 = await next_job(redis_client, bot.core.settings, after=entry)
+    _, job2 = await next_job(redis_client, bot.settings, after=entry)
     assert job2.text == "now print x" and job2.user == str(BOB)
     assert job2.conversation == job.conversation and job2.idempotency_key == follow["id"]
     assert [a.name for a in job2.attachments] == ["more.json"]
@@ -136,7 +136,7 @@ async def test_messages_in_the_thread_continue_it_and_others_are_ignored(make_bo
 
     gw.send_message(follow)  # the gateway may deliver an event twice
     await asyncio.sleep(0.3)
-    assert await redis_client.xlen(bot.core.settings.key("jobs")) == 2
+    assert await redis_client.xlen(bot.settings.key("jobs")) == 2
     assert int(job2.meta["status_message_id"]) in fake_discord.messages
     assert len([m for m in fake_discord.in_channel(thread) if "queued" in m["content"]]) == 2  # duplicate's deleted
 
@@ -150,7 +150,7 @@ async def test_oversize_upload_in_thread_is_refused_with_the_reason(make_bot, fa
     reply = await fake_discord.wait_for(
         lambda: [m for m in fake_discord.in_channel(thread) if "big.csv" in m["content"]])
     assert "4.9 KiB" in reply[0]["content"] and "1.0 KiB" in reply[0]["content"]
-    assert await redis_client.xlen(bot.core.settings.key("jobs")) == 1
+    assert await redis_client.xlen(bot.settings.key("jobs")) == 1
 
 
 async def _listed(bot, job):
@@ -163,7 +163,7 @@ async def _listed(bot, job):
 
 
 async def _stopped(redis, bot, job) -> bool:
-    return bool(await redis.exists(bot.core.settings.key("cancelled", job.id)))
+    return bool(await redis.exists(bot.settings.key("cancelled", job.id)))
 
 
 def _answer(fake, interaction):
@@ -179,7 +179,7 @@ async def test_stop_button_stops_that_job_for_the_requester_or_a_moderator_only(
     _, _, job = await _start(fake_discord, gw, redis_client, bot)
     status = fake_discord.messages[int(job.meta["status_message_id"])]
     pubsub = redis_client.pubsub()
-    await pubsub.subscribe(bot.core.settings.key("cancel"))
+    await pubsub.subscribe(bot.settings.key("cancel"))
     await pubsub.get_message(timeout=1)  # the subscribe confirmation
 
     intruder = gw.button(BOB, status, f"codeloop:stop:{job.id}")
@@ -194,7 +194,7 @@ async def test_stop_button_stops_that_job_for_the_requester_or_a_moderator_only(
     assert message is not None and message["data"].decode() == f"job:{job.id}:{job.conversation.key}"
     assert await _stopped(redis_client, bot, job)
 
-    await redis_client.delete(bot.core.settings.key("cancelled", job.id))
+    await redis_client.delete(bot.settings.key("cancelled", job.id))
     moderator = gw.button(BOB, status, f"codeloop:stop:{job.id}", permissions=MANAGE_MESSAGES)
     gw.interaction(moderator)
     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
@@ -230,7 +230,7 @@ async def test_rerun_is_the_requesters_and_a_moderators_never_refetches_the_file
 
     own = gw.button(ALICE, status, f"codeloop:rerun:{job.id}")
     gw.interaction(own)
-    entry, again = await next_job(redis_client, bot.core.settings, after=entry)
+    entry, again = await next_job(redis_client, bot.settings, after=entry)
     [ack] = fake_discord.find("POST", rf"/interactions/{own['id']}/.*")
     assert ack.json == {"type": 6}  # deferred update: the message keeps its content
     assert again.text == "sum the file" and again.user == str(ALICE) and again.id != job.id
@@ -241,7 +241,7 @@ async def test_rerun_is_the_requesters_and_a_moderators_never_refetches_the_file
 
     moderator = gw.button(BOB, status, f"codeloop:rerun:{job.id}", permissions=MANAGE_MESSAGES)
     gw.interaction(moderator)
-    _, theirs = await next_job(redis_client, bot.core.settings, after=entry)
+    _, theirs = await next_job(redis_client, bot.settings, after=entry)
     assert theirs.text == "sum the file" and theirs.user == str(BOB) and theirs.attachments == []
     note = await fake_discord.wait_for(lambda: [c for c in fake_discord.find("POST", r"/webhooks/.*")
                                                 if "text only" in (c.json or {}).get("content", "")])
@@ -271,20 +271,20 @@ async def test_stop_and_reset_words_in_the_thread(make_bot, fake_discord, redis_
     assert refusal["content"] == f"Only <@{ALICE}>, who started this conversation, or a moderator can reset it."
 
     gw.send_message(gw.message(ALICE, thread, "reset"))
-    entry, reset = await next_job(redis_client, bot.core.settings, after=entry)
+    entry, reset = await next_job(redis_client, bot.settings, after=entry)
     assert reset.kind == "reset" and reset.user == str(ALICE)
     gw.send_message(gw.message(ALICE, thread, "reset"))  # over one a minute
     await fake_discord.wait_for(lambda: [m for m in fake_discord.in_channel(thread)
                                          if "resetting sessions faster" in m["content"]])
 
     pubsub = redis_client.pubsub()
-    await pubsub.subscribe(bot.core.settings.key("cancel"))
+    await pubsub.subscribe(bot.settings.key("cancel"))
     await pubsub.get_message(timeout=1)
     gw.send_message(gw.message(ALICE, thread, "stop"))
     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
     assert message is not None and message["data"].decode() == f"job:{job.id}:{job.conversation.key}"
     await pubsub.aclose()
-    assert await redis_client.xlen(bot.core.settings.key("jobs")) == 2  # the message and one reset
+    assert await redis_client.xlen(bot.settings.key("jobs")) == 2  # the message and one reset
 
 
 def test_job_records_round_trip_as_json():
@@ -305,7 +305,7 @@ async def test_code_first_used_in_an_existing_thread_brings_its_newest_messages(
         msg = gw.message(user, thread_id, text, attachments=files)
         fake_discord.messages[int(msg["id"])] = msg
     gw.interaction(gw.slash(ALICE, "why did EU drop?", channel=gw.thread_channel(thread_id)))
-    entry, job = await next_job(redis_client, bot.core.settings)
+    entry, job = await next_job(redis_client, bot.settings)
     names = {u: gw.member(u)["user"]["global_name"] for u in (ALICE, BOB)}
     assert job.text == "why did EU drop?" and job.conversation.thread == str(thread_id)
     assert job.context.split("\n") == [f"{names[BOB]}: EU revenue dropped 12%",
@@ -314,6 +314,6 @@ async def test_code_first_used_in_an_existing_thread_brings_its_newest_messages(
     # the thread is ours now: /code there again continues it without re-reading
     await _finish(redis_client, bot, job)
     gw.interaction(gw.slash(ALICE, "and the US?", channel=gw.thread_channel(thread_id)))
-    _, second = await next_job(redis_client, bot.core.settings, after=entry)
+    _, second = await next_job(redis_client, bot.settings, after=entry)
     assert second.text == "and the US?" and second.context == ""
     assert len(fake_discord.find("GET", rf"/channels/{thread_id}/messages")) == 1

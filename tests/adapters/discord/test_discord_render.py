@@ -22,7 +22,7 @@ class Job:
 
     def __init__(self, fake, redis, bot, job):
         self.fake, self.bot, self.job = fake, bot, job
-        self.queue = JobQueue(redis, bot.core.settings)
+        self.queue = JobQueue(redis, bot.settings)
         self.seq = itertools.count(1)
         self.thread = job.conversation.thread
 
@@ -50,7 +50,7 @@ async def started(make_bot, fake_discord, redis_client):
     async def start(**overrides):
         bot, gw = await make_bot(**overrides)
         gw.interaction(gw.slash(ALICE, "do it"))
-        last[0], job = await next_job(redis_client, bot.core.settings, after=last[0])
+        last[0], job = await next_job(redis_client, bot.settings, after=last[0])
         return Job(fake_discord, redis_client, bot, job)
 
     return start
