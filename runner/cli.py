@@ -1,4 +1,9 @@
-"""``codeloop sandbox``: build the sandbox image, list, reap or clean sandbox containers."""
+"""``codeloop sandbox``: build the sandbox image, list, reap or clean sandbox containers.
+
+``ls``, ``reap`` and ``clean`` act on every engine the workers use: each one listed in
+``CODELOOP_SANDBOX_ENGINES`` (the ENGINE column names it), else the default engine (``DOCKER_HOST``).
+An engine that does not answer is named and skipped; the command then exits 1.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import asyncio
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +53,42 @@ def configure(parser: argparse.ArgumentParser) -> None:
     clean = sub.add_parser("clean", help="remove sandbox containers (live sessions lose their state) and the "
                            "threads' stored files (CODELOOP_FILES_DIR)")
     clean.add_argument("--label", help="only sandboxes with this codeloop.label (e.g. pool); keeps stored files")
+
+
+@dataclass
+class _Engines:
+    """Clients for the engines the workers use, and the names of those that did not answer."""
+
+    clients: list[tuple[str, docker.DockerClient]]
+    unreachable: list[str]
+
+    def report(self) -> int:
+        for line in self.unreachable:
+            print(f"skipped {line}", file=sys.stderr)
+        return 1 if self.unreachable else 0
+
+
+def _engines() -> _Engines:
+    from bot.core.settings import Settings
+    from runner.engine_list import parse_engines
+
+    settings = Settings.load()
+    if not settings.sandbox_engines:
+        return _Engines([("default", _client())], [])
+    specs = parse_engines(settings.sandbox_engines, settings.sandbox_engine_sessions,
+                          settings.sandbox_engine_memory, settings.sandbox_engine_tls_dir)
+    found = _Engines([], [])
+    for spec in specs:
+        try:
+            client = spec.client(settings.sandbox_engine_timeout_s)
+            client.ping()
+        except (DockerException, OSError) as exc:
+            found.unreachable.append(f"engine {spec.name} ({spec.url}): unreachable ({exc})")
+            continue
+        found.clients.append((spec.name, client))
+    if not found.clients:
+        raise SandboxUnavailable("no sandbox engine answered: " + "; ".join(found.unreachable))
+    return found
 
 
 def _client() -> docker.DockerClient:
@@ -123,27 +165,31 @@ def _sandboxes(client: docker.DockerClient, label: str | None) -> list[Any]:
 
 
 def ls(args: argparse.Namespace) -> int:
-    rows = [("ID", "NAME", "LABEL", "STATUS", "CREATED")]
-    for c in _sandboxes(_client(), None):
-        created = str(c.attrs.get("Created", ""))[:19].replace("T", " ")
-        rows.append((c.short_id, c.name, c.labels.get(NAME_LABEL, ""), c.status, created))
+    engines = _engines()
+    rows = [("ENGINE", "ID", "NAME", "LABEL", "STATUS", "CREATED")]
+    for engine, client in engines.clients:
+        for c in _sandboxes(client, None):
+            created = str(c.attrs.get("Created", ""))[:19].replace("T", " ")
+            rows.append((engine, c.short_id, c.name, c.labels.get(NAME_LABEL, ""), c.status, created))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    return 0
+    return engines.report()
 
 
 def clean(args: argparse.Namespace) -> int:
+    engines = _engines()
     removed = 0
-    for c in _sandboxes(_client(), args.label):
-        try:
-            c.remove(force=True)
-            removed += 1
-        except NotFound:
-            pass
-        except APIError as exc:
-            if exc.status_code != 409:  # 409: already being auto-removed
-                raise
+    for _, client in engines.clients:
+        for c in _sandboxes(client, args.label):
+            try:
+                c.remove(force=True)
+                removed += 1
+            except NotFound:
+                pass
+            except APIError as exc:
+                if exc.status_code != 409:  # 409: already being auto-removed
+                    raise
     print(f"removed {removed} sandbox container(s)")
     if args.label is None:
         from bot.core.settings import Settings
@@ -151,7 +197,7 @@ def clean(args: argparse.Namespace) -> int:
 
         threads = FilesStore.from_settings(Settings.load()).clear()
         print(f"removed the stored files of {threads} thread(s)")
-    return 0
+    return engines.report()
 
 
 def reap(args: argparse.Namespace) -> int:
@@ -161,17 +207,21 @@ def reap(args: argparse.Namespace) -> int:
     from runner.manager import SandboxManager
 
     settings = Settings.load()
-    manager = SandboxManager(SandboxConfig.from_settings(settings, pool_size=0), _client(),
-                             reap=ReapPolicy.from_settings(settings))
+    engines = _engines()
+    config = SandboxConfig.from_settings(settings, pool_size=0)
+    policy = ReapPolicy.from_settings(settings)
 
-    async def one_pass() -> list[tuple[str, str]]:
-        return await reap_once(manager)  # no start(): no pool, no background janitor
+    async def one_pass(client: docker.DockerClient) -> list[tuple[str, str]]:
+        return await reap_once(SandboxManager(config, client, reap=policy))  # no start(): no pool, no janitor
 
-    removed = asyncio.run(one_pass())
-    for cid, reason in removed:
-        print(f"removed {cid[:12]}: {reason}")
-    print(f"removed {len(removed)} sandbox container(s)")
-    return 0
+    total = 0
+    for engine, client in engines.clients:
+        removed = asyncio.run(one_pass(client))
+        for cid, reason in removed:
+            print(f"removed {cid[:12]}" + (f" on {engine}" if len(engines.clients) > 1 else "") + f": {reason}")
+        total += len(removed)
+    print(f"removed {total} sandbox container(s)")
+    return engines.report()
 
 
 def main(args: argparse.Namespace) -> int:

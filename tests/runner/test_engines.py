@@ -226,6 +226,36 @@ async def test_placement_follows_free_capacity_and_memory(make_set: Callable[...
     assert on(engines, "a", run_id) == 2 and on(engines, "b", run_id) == 3
 
 
+async def test_sandbox_ls_and_clean_act_on_every_listed_engine(
+    make_set: Callable[..., Any], second: Daemon, run_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import argparse
+
+    from runner import cli
+
+    engines: EngineSet = await make_set()
+    label = f"cli-{run_id}"
+    sessions = [(await engines.acquire(None, label))[0] for _ in range(2)]
+    assert sorted(s.ref.split("/")[0] for s in sessions) == ["a", "b"]
+    monkeypatch.setenv("CODELOOP_SANDBOX_ENGINES", f"a={MAIN},b={second.url},gone=unix://{tmp_path}/none.sock")
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        parser = argparse.ArgumentParser()
+        cli.configure(parser)
+        rc = cli.main(parser.parse_args(list(argv)))
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    rc, out, err = run("ls")
+    rows = {line.split()[1]: line.split()[0] for line in out.splitlines()[1:]}
+    assert rows[sessions[0].id[:12]] == sessions[0].ref[0] and rows[sessions[1].id[:12]] == sessions[1].ref[0]
+    assert rc == 1 and "engine gone" in err  # named, skipped, and the exit status says so
+    rc, out, err = run("clean", "--label", label)
+    assert rc == 1 and out.strip() == "removed 2 sandbox container(s)"
+    assert on(engines, "a", run_id) == on(engines, "b", run_id) == 0
+
+
 async def test_another_worker_reattaches_on_the_session_s_engine(make_set: Callable[..., Any]) -> None:
     first: EngineSet = await make_set(order="ba")
     session, note = await first.acquire(None, "thread-1")
