@@ -16,6 +16,9 @@ from bot.core.notebook import NotebookRecorder, dumps, nbformat, to_notebook
 from bot.worker.files_store import ThreadFiles
 
 NOTEBOOK = "notebook.json"
+#: the number of code cells in notebook.json, written with it, so a job numbers its cells without
+#: reading the whole notebook (which may be megabytes of images) at its start
+COUNT = "notebook.count"
 DROPPED = "[image dropped: this thread's notebook is over its size cap]"
 
 
@@ -32,11 +35,26 @@ def load_cells(files: ThreadFiles) -> list[Any]:
     return [nbformat.from_dict(cell) for cell in cells] if isinstance(cells, list) else []
 
 
+def _code_cells(cells: list[Any]) -> int:
+    return sum(1 for cell in cells if cell.get("cell_type") == "code")
+
+
 def recorder_for(files: ThreadFiles, title: str) -> NotebookRecorder:
-    """A recorder that numbers its code cells after the thread's earlier ones."""
+    """A recorder that numbers its code cells after the thread's earlier ones (from the count file;
+    the notebook itself is read only when the count is missing or unreadable)."""
     recorder = NotebookRecorder(title=title)
-    recorder._count = sum(1 for cell in load_cells(files) if cell.get("cell_type") == "code")
+    try:
+        recorder._count = int((files.folder / COUNT).read_text())
+    except (OSError, ValueError):
+        recorder._count = _code_cells(load_cells(files))
     return recorder
+
+
+def _write(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
 
 
 def append(files: ThreadFiles, recorder: NotebookRecorder) -> None:
@@ -54,12 +72,10 @@ def append(files: ThreadFiles, recorder: NotebookRecorder) -> None:
             if any(mime.startswith("image/") for mime in data):
                 out["data"] = {"text/plain": DROPPED}
         total += len(json.dumps(cell)) - before
-    text = json.dumps(cells)
     files.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = f"{_path(files)}.{os.getpid()}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, _path(files))
+    _write(_path(files), json.dumps(cells))
+    # written second: a crash between the two leaves the count one job behind (cell numbers repeat, nothing else)
+    _write(os.path.join(files.folder, COUNT), str(_code_cells(cells)))
 
 
 def export(files: ThreadFiles, title: str) -> bytes | None:
