@@ -177,9 +177,9 @@ class TGIClient:
     def _fill_usage(self, usage: TokenUsage, reported: Any, messages: list[ChatMessage], chunks: int) -> None:
         """The server's counts when it sent them (sane ones only), else an estimate: the prompt as
         ``count_tokens`` sees it and one token per streamed chunk (what TGI and vLLM send)."""
-        prompt = getattr(reported, "prompt_tokens", None)
-        completion = getattr(reported, "completion_tokens", None)
-        if all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 31 for n in (prompt, completion)):
+        prompt: Any = getattr(reported, "prompt_tokens", None)
+        completion: Any = getattr(reported, "completion_tokens", None)
+        if all(type(n) is int and 0 <= n < 1 << 31 for n in (prompt, completion)):
             usage.prompt_tokens, usage.completion_tokens, usage.exact = prompt, completion, True
         else:
             usage.prompt_tokens, usage.completion_tokens, usage.exact = self.count_tokens(messages), chunks, False

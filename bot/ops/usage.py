@@ -53,7 +53,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _table(title: str, what: str, rows: list[Row]) -> list[str]:
     header = ("adapter", what, *COLUMNS)
-    cells = [(r.adapter, r.name, *(str(v) for v in r.counts.as_dict().values())) for r in rows]
+    cells = [(r.adapter, r.name, *(str(r.counts.as_dict()[k]) for k in COLUMNS)) for r in rows]
     widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(header)]
 
     def line(values: tuple[str, ...]) -> str:
@@ -65,8 +65,8 @@ def _table(title: str, what: str, rows: list[Row]) -> list[str]:
 
 def render(report: Report) -> str:
     lines = [f"usage {report.since.isoformat()} .. {report.until.isoformat()} (UTC days)", ""]
-    lines += _table("channels", "channel", report.channels) + [""]
-    lines += _table("users", "user", report.users) + [""]
+    lines += [*_table("channels", "channel", report.channels), ""]
+    lines += [*_table("users", "user", report.users), ""]
     total = report.total.as_dict()
     lines.append("total  " + "  ".join(f"{k}={total[k]}" for k in COLUMNS))
     return "\n".join(lines)

@@ -67,10 +67,9 @@ class Counts:
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = asdict(self)
-        del out["cpu_us"]
-        out["cpu_s"] = round(self.cpu_s, 3)
-        return out
+        """The counts as shown: CPU in seconds (ms precision) in place of microseconds."""
+        return {("cpu_s" if k == "cpu_us" else k): (round(self.cpu_s, 3) if k == "cpu_us" else v)
+                for k, v in asdict(self).items()}
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> Counts:
