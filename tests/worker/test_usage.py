@@ -100,7 +100,7 @@ async def test_a_job_is_counted_per_channel_and_user_with_what_it_used(
         assert (await read(redis_client, worker.settings, today(), today())).total == report.total
 
         # codeloop usage, in a process of its own
-        shown = usage_cli(worker.settings)
+        shown = await asyncio.to_thread(usage_cli, worker.settings)
         assert shown["channels"] == [{"adapter": "test", "channel": channel, **row.counts.as_dict()}]
         assert shown["users"] == [{"adapter": "test", "user": "alice", **row.counts.as_dict()}]
         assert shown["total"] == row.counts.as_dict()
@@ -147,10 +147,10 @@ async def test_failures_are_counted_and_filters_split_users_and_channels(
     assert [(r.name, r.counts.jobs, r.counts.failures) for r in report.users] == [("bob", 2, 2), ("carol", 1, 0)]
     assert report.total.jobs == 3 and report.total.failures == 2
 
-    shown = usage_cli(worker.settings, "--channel", one)
+    shown = await asyncio.to_thread(usage_cli, worker.settings, "--channel", one)
     assert [(u["user"], u["jobs"], u["failures"]) for u in shown["users"]] == [("bob", 1, 1), ("carol", 1, 0)]
     assert [c["channel"] for c in shown["channels"]] == [one]
-    shown = usage_cli(worker.settings, "--user", "test:bob")
+    shown = await asyncio.to_thread(usage_cli, worker.settings, "--user", "test:bob")
     assert sorted((c["channel"], c["jobs"]) for c in shown["channels"]) == [(one, 1), (two, 1)]
     assert shown["total"]["jobs"] == 2 and shown["total"]["failures"] == 2
     assert "carol" in render(report) and "failures" in render(report)
@@ -191,3 +191,42 @@ def test_the_channel_label_can_be_folded(make_settings: Any) -> None:
                         failed=True)
     assert metrics.USAGE_JOBS.labels("folded-adapter", "all")._value.get() == 1
     assert metrics.USAGE_FAILURES.labels("folded-adapter", "all")._value.get() == 1
+
+
+async def test_a_job_redelivered_after_its_worker_died_is_counted_once(
+        start_worker: Any, model_server: Any, redis_client: aioredis.Redis, make_settings: Any,
+        key_prefix: str) -> None:
+    """kill -9 mid-generation: the job is reclaimed and run again by another worker, and counted
+    once, with the run that reached the user."""
+    model_server.script = ["answer after a crash"]
+    model_server.stall_s = 3.0
+    settings: Settings = make_settings(llm_url=model_server.url, claim_idle_s=1.0)
+    env = {**os.environ, "CODELOOP_REDIS_URL": settings.redis_url, "CODELOOP_KEY_PREFIX": key_prefix,
+           "CODELOOP_LLM_URL": model_server.url, "CODELOOP_CLAIM_IDLE_S": "1", "CODELOOP_SANDBOX_POOL_SIZE": "0",
+           "CODELOOP_SANDBOX_IMAGE": settings.sandbox_image}
+    victim = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot.cli", "worker", env=env,
+                                                  stdout=asyncio.subprocess.DEVNULL,
+                                                  stderr=asyncio.subprocess.DEVNULL)
+    queue = JobQueue(redis_client, settings)
+    reply = settings.key("replies", "t")
+    channel = f"crash-{key_prefix}"
+    try:
+        await queue.ensure_group()
+        await queue.enqueue(job(channel, "dave", "K", "survive", reply))
+        for _ in range(400):
+            if model_server.requests:
+                break
+            await asyncio.sleep(0.05)
+        assert model_server.requests, "the first worker never picked the job up"
+    finally:
+        victim.kill()
+        await victim.wait()
+    model_server.stall_s = 0.0
+    await start_worker(claim_idle_s=1.0)
+    [(_, final)] = await finals(redis_client, reply, 1, timeout=60)
+    assert final.payload["text"] == "answer after a crash" and len(model_server.requests) == 2
+    report = await read(redis_client, settings, today(), today())
+    [row] = report.channels
+    # one run's tokens, not two (the killed worker's stream, if the server finished it, went nowhere)
+    runs = {(u["prompt_tokens"], u["completion_tokens"]) for u in model_server.usage}
+    assert row.counts.jobs == 1 and (row.counts.tokens_in, row.counts.tokens_out) in runs, (row.counts, runs)
