@@ -36,7 +36,7 @@ from benchmarks._harness import emit, pct, read_finals
 from bot.bench.queue import NoSandbox
 from bot.core.jobs import Conversation, Event, Job
 from bot.core.settings import Settings
-from bot.llm.base import ChatMessage, GenerationParams
+from bot.llm.base import ChatMessage, GenerationParams, TokenUsage
 from bot.queue import redis_conn
 from bot.queue.stream import JobQueue
 from bot.worker.service import Worker
@@ -50,7 +50,8 @@ class SleepyModel:
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
 
-    async def stream_chat(self, messages: list[ChatMessage], params: GenerationParams) -> AsyncIterator[str]:
+    async def stream_chat(self, messages: list[ChatMessage], params: GenerationParams,
+                          usage: TokenUsage | None = None) -> AsyncIterator[str]:
         await asyncio.sleep(self.delay_s)
         yield "The answer is 42."
 

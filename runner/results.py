@@ -62,6 +62,9 @@ class ExecutionResult:
     error: ErrorInfo | None = None
     files: list[FileResult] = field(default_factory=list)
     duration_s: float = 0.0
+    #: CPU seconds the sandbox used during the cell (its cgroup); None where the executor cannot
+    #: measure it (no cgroup visible) or predates the field
+    cpu_s: float | None = None
     timed_out: bool = False
     oom_killed: bool = False
     truncated: bool = False
@@ -111,6 +114,9 @@ MAX_CONTAINERS = 200_000  # "[" and "{"
 MAX_QUOTES = 400_000
 MAX_COMMAS = 500_000
 AMPLIFY_CHECK = 64 * 1024  # shorter lines cannot grow past a few MiB
+#: a cell's CPU seconds: an honest one is at most its timeout times the container's CPUs; this is a
+#: ceiling no configuration reaches (a day of CPU), so a figure past it is a lie, not a busy cell
+MAX_CELL_CPU_S = 86_400.0
 #: magic bytes of the images passed on (a PNG's signature and its IHDR chunk; a JPEG's SOI marker)
 SIGNATURES = {"image/png": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "image/jpeg": b"\xff\xd8\xff"}
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -301,6 +307,13 @@ def parse_result(raw: Any, limits: ReplyLimits) -> ExecutionResult:
         notes.append(f"Only the first {len(results)} of {len(items)} displayed results were kept "
                      f"(at most {MAX_RICH_RESULTS}, {RICH_TOTAL_CHARS // 2**20} MiB together).")
     duration = _type(raw.get("duration_s", 0.0), (int, float), "duration_s")
+    cpu = raw.get("cpu_s")  # absent from an executor that cannot measure it
+    if cpu is not None:
+        _type(cpu, (int, float), "cpu_s")
+        # compared before float(): an int of 400 digits is valid JSON and float() would raise
+        if (isinstance(cpu, float) and not math.isfinite(cpu)) or not 0 <= cpu <= MAX_CELL_CPU_S:
+            raise MalformedReply(f"cpu_s {str(cpu)[:40]} (a finite number of seconds, 0 to {MAX_CELL_CPU_S:g})")
+        cpu = float(cpu)
     flags = {key: _type(raw.get(key, False), bool, key)
              for key in ("timed_out", "oom_killed", "truncated", "restarted")}
     return ExecutionResult(
@@ -310,6 +323,7 @@ def parse_result(raw: Any, limits: ReplyLimits) -> ExecutionResult:
         error=error,
         files=_files(raw.get("files", []), limits, notes),
         duration_s=min(max(float(duration), 0.0), 1e6) if math.isfinite(duration) else 0.0,
+        cpu_s=cpu,
         notes=notes,
         **flags,
     )

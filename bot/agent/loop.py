@@ -18,7 +18,7 @@ from bot.agent.code import calls_input, last_python_block
 from bot.agent.feedback import chat_output, model_feedback
 from bot.core.errors import InputRejected
 from bot.core.jobs import FULL_OUTPUT_FILES
-from bot.llm.base import ChatMessage, GenerationParams, ModelClient
+from bot.llm.base import ChatMessage, GenerationParams, ModelClient, TokenUsage
 from bot.ops import metrics
 from runner.results import ExecutionResult
 
@@ -49,6 +49,13 @@ class Turn:
     images: int = 0
     #: the reply being streamed right now (what the user saw if they press Stop)
     partial: str = ""
+    #: what the turn used, for usage accounting (bot/queue/usage.py): every generation's tokens
+    #: (a cut-short one's too), the sandbox's CPU seconds over its cells, and whether the last cell
+    #: it ran still failed (error, timeout, out of memory)
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cpu_s: float = 0.0
+    last_cell_failed: bool = False
 
     async def run(self, user_text: str, emit: Emit, runner: CodeRunner) -> str:
         self.history.append({"role": "user", "content": user_text})
@@ -74,16 +81,21 @@ class Turn:
         pending: list[str] = []
         last_flush = start = time.monotonic()
         chunks = 0
-        async for delta in self.model.stream_chat(messages, self.params):
-            parts.append(delta)
-            pending.append(delta)
-            self.partial = "".join(parts)
-            chunks += 1
-            now = time.monotonic()
-            if now - last_flush >= DELTA_FLUSH_S:
-                await emit("delta", {"text": "".join(pending), "round": round_no})
-                pending.clear()
-                last_flush = now
+        usage = TokenUsage()
+        try:
+            async for delta in self.model.stream_chat(messages, self.params, usage):
+                parts.append(delta)
+                pending.append(delta)
+                self.partial = "".join(parts)
+                chunks += 1
+                now = time.monotonic()
+                if now - last_flush >= DELTA_FLUSH_S:
+                    await emit("delta", {"text": "".join(pending), "round": round_no})
+                    pending.clear()
+                    last_flush = now
+        finally:
+            self.tokens_in += usage.prompt_tokens
+            self.tokens_out += usage.completion_tokens
         if pending:
             await emit("delta", {"text": "".join(pending), "round": round_no})
         elapsed = time.monotonic() - start
@@ -99,6 +111,8 @@ class Turn:
         await emit("status", {"text": "running code"})
         result, notes = await runner.run(code)
         metrics.CELL_SECONDS.observe(result.duration_s)
+        self.cpu_s += result.cpu_s or 0.0
+        self.last_cell_failed = not result.ok
         for note in notes:
             await emit("status", {"text": note})
         error = {"name": result.error.name, "value": result.error.value} if result.error else None

@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 
 from bot.core.jobs import Conversation, Job
 from bot.core.settings import Settings
-from bot.llm.base import ChatMessage, GenerationParams
+from bot.llm.base import ChatMessage, GenerationParams, TokenUsage
 from bot.queue.stream import JobQueue
 from bot.worker.service import Worker
 
@@ -38,7 +38,8 @@ _SPAWN = multiprocessing.get_context("spawn")
 class NoopModel:
     context_tokens = 1 << 20
 
-    async def stream_chat(self, messages: list[ChatMessage], params: GenerationParams) -> AsyncIterator[str]:
+    async def stream_chat(self, messages: list[ChatMessage], params: GenerationParams,
+                          usage: TokenUsage | None = None) -> AsyncIterator[str]:
         yield "ok"
 
     def count_tokens(self, messages: list[ChatMessage]) -> int:

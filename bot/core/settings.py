@@ -178,6 +178,10 @@ class Settings(BaseSettings):
 
     # --- operations -------------------------------------------------------------------------
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    metrics_channel_label: bool = Field(True, description="usage metrics labelled by channel; false: "
+                                        "channel=\"all\" (for deployments with very many channels)")
+    usage_retention_days: int = Field(90, ge=1, le=3650, description="days the per-channel and per-user "
+                                      "usage counters are kept (`codeloop usage`)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = False
 

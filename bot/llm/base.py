@@ -32,18 +32,31 @@ class GenerationParams:
         )
 
 
+@dataclass
+class TokenUsage:
+    """The tokens one generation used, filled in by the backend's stream by the time it ends (or
+    is cancelled): what the usage accounting (bot/queue/usage.py) counts. ``exact`` is False when
+    the figures are this side's estimate (a server that did not report them)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    exact: bool = True
+
+
 class ModelClient(Protocol):
     """One async streaming interface over every backend.
 
     ``stream_chat`` yields text deltas of the assistant's reply; cancelling the consuming task
     stops generation for that conversation only. ``count_tokens`` measures a prompt the way the
     backend will see it (exact for in-process models, an estimate for remote servers) so the
-    agent can drop the oldest turns when the context is too long.
+    agent can drop the oldest turns when the context is too long. A ``usage`` record passed to
+    ``stream_chat`` holds the generation's prompt and completion tokens once the stream ends.
     """
 
     context_tokens: int
 
-    def stream_chat(self, messages: list[ChatMessage], params: GenerationParams) -> AsyncIterator[str]: ...
+    def stream_chat(self, messages: list[ChatMessage], params: GenerationParams,
+                    usage: TokenUsage | None = None) -> AsyncIterator[str]: ...
 
     def count_tokens(self, messages: list[ChatMessage]) -> int: ...
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
 from bot.core.errors import ConfigError, ModelError
-from bot.llm.base import ChatMessage, GenerationParams
+from bot.llm.base import ChatMessage, GenerationParams, TokenUsage
 from bot.llm.local_batcher import Batcher, BatchStats, Delivery, Request
 from bot.llm.local_detok import IncrementalDecoder, StopFilter
 
@@ -138,7 +138,8 @@ class LocalModelClient:
                 texts.append(stop)
         return frozenset(ids), texts
 
-    async def stream_chat(self, messages: list[ChatMessage], params: GenerationParams) -> AsyncIterator[str]:
+    async def stream_chat(self, messages: list[ChatMessage], params: GenerationParams,
+                          usage: TokenUsage | None = None) -> AsyncIterator[str]:
         # On the loop's thread, like decoding: a tokenizer shared across threads can fail with
         # "Already borrowed" (tokenizers' Rust core), and a prompt encodes in about a millisecond.
         prompt = self.encode(messages)
@@ -174,6 +175,8 @@ class LocalModelClient:
                 yield tail
         finally:
             self._batcher.cancel(req)  # no-op when it already finished
+            if usage is not None:  # exact: the tokens the scheduler sampled (a stop token included)
+                usage.prompt_tokens, usage.completion_tokens, usage.exact = len(prompt), req.generated, True
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self._batcher.close)

@@ -34,7 +34,7 @@ from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError
 
 from bot.core.errors import ModelError, ModelOverloaded
 from bot.core.settings import Settings
-from bot.llm.base import ChatMessage, GenerationParams
+from bot.llm.base import ChatMessage, GenerationParams, TokenUsage
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,10 @@ class TGIClient:
 
     async def _open(self, messages: list[ChatMessage],
                     params: GenerationParams) -> tuple[AsyncInferenceClient, AsyncIterator[Any]]:
-        kwargs: dict[str, Any] = {"model": self.model, "max_tokens": params.max_new_tokens, "stream": True}
+        # include_usage: the server's own token counts arrive in the stream's last chunk (TGI, vLLM,
+        # llama.cpp's server); a server that ignores it gets this side's estimate instead
+        kwargs: dict[str, Any] = {"model": self.model, "max_tokens": params.max_new_tokens, "stream": True,
+                                  "stream_options": {"include_usage": True}}
         if params.temperature > 0:
             kwargs.update(temperature=params.temperature, top_p=params.top_p)
         else:
@@ -143,14 +146,20 @@ class TGIClient:
         client._async_client = self._http  # not entered in its exit stack, so close() leaves it open
         return client
 
-    async def stream_chat(self, messages: list[ChatMessage], params: GenerationParams) -> AsyncIterator[str]:
+    async def stream_chat(self, messages: list[ChatMessage], params: GenerationParams,
+                          usage: TokenUsage | None = None) -> AsyncIterator[str]:
         client, stream = await self._open(messages, params)
+        reported: Any = None
+        chunks = 0
         try:
             async for chunk in stream:
+                if getattr(chunk, "usage", None) is not None:
+                    reported = chunk.usage
                 if not chunk.choices:
                     continue
                 delta = chunk.choices[0].delta.content
                 if delta:
+                    chunks += 1
                     yield delta
         except TRANSIENT as exc:
             detail = f"the stream from model server {self.url} broke off: {exc}"
@@ -158,10 +167,22 @@ class TGIClient:
             raise ModelError(detail, for_user="The model server stopped answering in the middle of the reply. "
                                               "Try again in a minute.") from exc
         finally:
+            if usage is not None:
+                self._fill_usage(usage, reported, messages, chunks)
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
             await client.close()  # type: ignore[no-untyped-call]
+
+    def _fill_usage(self, usage: TokenUsage, reported: Any, messages: list[ChatMessage], chunks: int) -> None:
+        """The server's counts when it sent them (sane ones only), else an estimate: the prompt as
+        ``count_tokens`` sees it and one token per streamed chunk (what TGI and vLLM send)."""
+        prompt: Any = getattr(reported, "prompt_tokens", None)
+        completion: Any = getattr(reported, "completion_tokens", None)
+        if all(type(n) is int and 0 <= n < 1 << 31 for n in (prompt, completion)):
+            usage.prompt_tokens, usage.completion_tokens, usage.exact = prompt, completion, True
+        else:
+            usage.prompt_tokens, usage.completion_tokens, usage.exact = self.count_tokens(messages), chunks, False
 
     async def aclose(self) -> None:
         if self._http is not None:

@@ -33,9 +33,36 @@ ERRORS = Counter("codeloop_errors_total", "Errors by kind", ["kind"])
 DEAD_LETTERS = Counter("codeloop_dead_letters_total", "Entries moved to the dead-letter stream", ["reason"])
 QUEUE_DEPTH = Gauge("codeloop_queue_depth", "Jobs waiting (lag) and delivered-unacked (pending)", ["state"])
 ACTIVE_JOBS = Gauge("codeloop_active_jobs", "Jobs this worker holds (running or waiting their turn)")
+# Usage (bot/queue/usage.py keeps the same figures per user in Redis): labelled by adapter and
+# channel only, never by user, so the series stay bounded (CODELOOP_METRICS_CHANNEL_LABEL=false
+# folds every channel into "all").
+_USAGE = ["adapter", "channel"]
+USAGE_JOBS = Counter("codeloop_usage_jobs_total", "Jobs counted for usage", _USAGE)
+USAGE_ROUNDS = Counter("codeloop_usage_feedback_rounds_total", "Model replies that answered execution feedback",
+                       _USAGE)
+USAGE_CPU = Counter("codeloop_usage_sandbox_cpu_seconds_total", "Sandbox CPU seconds used by cells", _USAGE)
+USAGE_TOKENS = Counter("codeloop_usage_tokens_total", "Model tokens: prompt (in) and generated (out)",
+                       [*_USAGE, "direction"])
+USAGE_FAILURES = Counter("codeloop_usage_failures_total", "Jobs that ended in an error or a still-failing cell",
+                         _USAGE)
 
 #: set per job so every log line carries its ids
 log_context: ContextVar[dict[str, str]] = ContextVar("codeloop_log_context", default={})  # noqa: B039
+
+
+def count_usage(settings: Settings, adapter: str, channel: str, *, rounds: int, cpu_s: float, tokens_in: int,
+                tokens_out: int, failed: bool) -> None:
+    """One job's usage on the Prometheus counters."""
+    labels = (adapter, channel if settings.metrics_channel_label else "all")
+    USAGE_JOBS.labels(*labels).inc()
+    USAGE_ROUNDS.labels(*labels).inc(rounds)
+    USAGE_CPU.labels(*labels).inc(cpu_s)
+    USAGE_TOKENS.labels(*labels, "in").inc(tokens_in)
+    USAGE_TOKENS.labels(*labels, "out").inc(tokens_out)
+    if failed:
+        USAGE_FAILURES.labels(*labels).inc()
+    else:
+        USAGE_FAILURES.labels(*labels).inc(0)  # the series exists from a channel's first job
 
 
 def start_metrics_server(settings: Settings) -> None:

@@ -15,6 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+from redis.exceptions import RedisError
 
 from bot.agent.loop import Turn
 from bot.agent.prompts import SYSTEM_PROMPT, THREAD_CONTEXT_ASK, THREAD_CONTEXT_INTRO, files_note
@@ -25,6 +26,7 @@ from bot.core.notebook import NotebookRecorder
 from bot.core.settings import Settings
 from bot.llm.base import GenerationParams, ModelClient
 from bot.ops import metrics
+from bot.queue import usage
 from bot.queue.blobs import BlobStore, JobBlobs, MemoryGuard
 from bot.queue.outbox import Outbox
 from bot.queue.ratelimit import RateLimiter
@@ -124,6 +126,7 @@ class JobRun:
         if await self._stopped_before_start():
             await self.finish(self.event("final", {"text": "", "cancelled": True, "ok": False, "rounds": 0}))
             metrics.JOBS.labels("cancelled").inc()
+            await self._count_usage(None, failed=False)
             return
         turn: Turn | None = None
         mode = "set"
@@ -166,6 +169,28 @@ class JobRun:
         await self.finish(final, mode)
         metrics.JOBS.labels(outcome).inc()
         metrics.JOB_SECONDS.observe(max(0.0, time.time() - job.created_at))
+        failed = final.type == "error" or (outcome == "ok" and turn is not None and turn.last_cell_failed)
+        await self._count_usage(turn, failed=failed)
+
+    async def _count_usage(self, turn: Turn | None, *, failed: bool) -> None:
+        """A message job's usage, once per job id (bot/queue/usage.py), then on the metrics. After
+        ``finish``: accounting never holds up or fails a reply; a Redis error loses this count only."""
+        if self.job.kind != "message":
+            return
+        conv = self.job.conversation
+        counts = usage.Counts(jobs=1, rounds=max(0, turn.rounds - 1) if turn else 0,
+                              cpu_us=round(turn.cpu_s * 1e6) if turn else 0,
+                              tokens_in=turn.tokens_in if turn else 0, tokens_out=turn.tokens_out if turn else 0,
+                              failures=int(failed))
+        try:
+            first = await usage.UsageRecorder(self.queue.redis, self.settings).record(
+                self.job.id, conv.platform, conv.channel, self.job.user, counts)
+        except (RedisError, OSError) as exc:
+            log.warning("usage of job %s not counted: %s", self.job.id, exc)
+            return
+        if first:
+            metrics.count_usage(self.settings, conv.platform, conv.channel, rounds=counts.rounds, cpu_s=counts.cpu_s,
+                                tokens_in=counts.tokens_in, tokens_out=counts.tokens_out, failed=failed)
 
     async def _stopped_before_start(self) -> bool:
         """Stopped while it waited for its turn (marked in Redis), or during this check (``stop``

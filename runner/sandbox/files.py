@@ -72,6 +72,26 @@ def oom_kills() -> int | None:
     return None
 
 
+def cpu_seconds() -> float | None:
+    """CPU time the container has used (its cgroup: v2 ``cpu.stat`` usage_usec, v1
+    ``cpuacct.usage`` in ns), None where neither can be read (e.g. gVisor)."""
+    try:
+        with open("/sys/fs/cgroup/cpu.stat") as fh:
+            for line in fh:
+                key, _, value = line.partition(" ")
+                if key == "usage_usec":
+                    return int(value) / 1e6
+    except (OSError, ValueError):
+        pass
+    for path in ("/sys/fs/cgroup/cpuacct/cpuacct.usage", "/sys/fs/cgroup/cpu,cpuacct/cpuacct.usage"):
+        try:
+            with open(path) as fh:
+                return int(fh.read()) / 1e9
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def _walk(root: str) -> tuple[dict[str, Key], bool]:
     """rel path -> (kind, inode, size, mtime_ns) of every file and symlink; True when capped."""
     seen: dict[str, Key] = {}

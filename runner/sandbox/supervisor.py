@@ -35,7 +35,7 @@ procs.set_dumpable(False)  # first: before anything could open /proc/1 (the kern
 
 import kernel as kernel_mod  # noqa: E402
 import wire  # noqa: E402
-from files import Outgoing, oom_kills, scan, snapshot, write_upload  # noqa: E402
+from files import Outgoing, cpu_seconds, oom_kills, scan, snapshot, write_upload  # noqa: E402
 from link import KernelLink  # noqa: E402
 
 DATA = "/mnt/data"
@@ -157,6 +157,7 @@ class Supervisor:
             "interrupted_at": None,
             "timed_out": False,
             "oom_before": oom_kills(),
+            "cpu_before": cpu_seconds(),
         }
         if self.kernel.status is not None:  # died between cells (e.g. a thread of it crashed it)
             self.finish(None, _signal_of(self.kernel.status))
@@ -261,6 +262,10 @@ class Supervisor:
         )
         notes += scan_notes
         res["duration_s"] = time.monotonic() - cell["start"]
+        cpu_after = cpu_seconds()
+        if cell["cpu_before"] is not None and cpu_after is not None:
+            # the container's cgroup: the cell's processes, and the supervisor's own share (small)
+            res["cpu_s"] = round(max(0.0, cpu_after - cell["cpu_before"]), 6)
         wire.send_result(cell["id"], res, outputs + files, notes)
 
     # --- main loop --------------------------------------------------------------------------

@@ -82,7 +82,8 @@ class Recorder:
     def __init__(self) -> None:
         self.seen: list[list[ChatMessage]] = []
 
-    async def stream_chat(self, messages: list[ChatMessage], params: GenerationParams):  # type: ignore[no-untyped-def]
+    async def stream_chat(self, messages: list[ChatMessage], params: GenerationParams,  # type: ignore[no-untyped-def]
+                          usage: object = None):
         self.seen.append(messages)
         yield "done"
 

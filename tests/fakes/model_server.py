@@ -3,7 +3,10 @@
 Stands in for a GPU model server in tests. Replies come from a script:
   * a list of strings, served in order (the last one repeats), or
   * a function ``(messages) -> str`` for replies that depend on the conversation.
-It can also answer ``fail_times`` requests with ``fail_status`` (429/503) first, every
+A streamed request that asks for ``stream_options.include_usage`` gets a last chunk with
+``usage`` (prompt tokens: whitespace-separated words plus 3 per message; completion tokens: the
+chunks sent), like TGI and vLLM; each is recorded in ``usage`` (``report_usage=False``: a server that
+never sends it). It can also answer ``fail_times`` requests with ``fail_status`` (429/503) first, every
 ``fail_every``-th request with 429 and 503 in turn (an overloaded server, for benchmarks), or stall.
 
 By default it behaves like TGI: ``/info`` names its model and any model name is accepted. With
@@ -46,6 +49,10 @@ class ScriptedModelServer:
     host: str = "127.0.0.1"
     port: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
+    #: send ``usage`` in the stream's last chunk when the request asks for it
+    report_usage: bool = True
+    #: the usage each streamed reply reported, in order
+    usage: list[dict[str, int]] = field(default_factory=list)
     #: the Authorization header of each chat request (None when absent)
     authorization: list[str | None] = field(default_factory=list)
     _served: int = 0
@@ -129,6 +136,14 @@ class ScriptedModelServer:
             if self.chunk_delay_s:
                 await asyncio.sleep(self.chunk_delay_s)
         await resp.write(self._sse(rid, created, {}, "stop"))
+        if self.report_usage and (body.get("stream_options") or {}).get("include_usage"):
+            prompt = sum(len(str(m.get("content", "")).split()) + 3 for m in body["messages"])
+            usage = {"prompt_tokens": prompt, "completion_tokens": len(pieces),
+                     "total_tokens": prompt + len(pieces)}
+            self.usage.append(usage)
+            chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": "scripted",
+                     "system_fingerprint": "scripted", "choices": [], "usage": usage}
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
         return resp
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 from pathlib import Path
 from typing import Any
@@ -239,3 +240,20 @@ async def test_cancelling_a_queued_request_never_runs_it(make, loaded) -> None:
         await queued
     assert "".join(await first) == reference(loaded, PROMPTS[0], 150, eos=False)
     assert client.stats.prefills == 1
+
+
+async def test_each_generation_reports_its_exact_tokens(make: Any, loaded: tuple[Any, Any]) -> None:
+    """Prompt tokens as the template encodes them, completion tokens as the scheduler sampled them."""
+    from bot.llm.base import TokenUsage
+
+    client = make(eos_token_ids=())
+    usage = TokenUsage()
+    _ = [d async for d in client.stream_chat(chat(PROMPTS[1]), GenerationParams(max_new_tokens=9), usage)]
+    assert usage.prompt_tokens == client.count_tokens(chat(PROMPTS[1])) > 10
+    assert (usage.completion_tokens, usage.exact) == (9, True)
+    stopped = TokenUsage()  # cut short by the consumer: what was sampled until then
+    async with contextlib.aclosing(client.stream_chat(chat("hi"), GenerationParams(max_new_tokens=400),
+                                                      stopped)) as stream:
+        async for _ in stream:
+            break
+    assert stopped.prompt_tokens == client.count_tokens(chat("hi")) and 1 <= stopped.completion_tokens < 400

@@ -151,3 +151,30 @@ async def test_the_hosts_hugging_face_login_is_not_sent_to_the_model_server(monk
         await keyed.aclose()
         await server.stop()
     assert server.authorization == [None, "Bearer server-key"]
+
+
+@pytest.mark.parametrize("report", [True, False])
+async def test_each_generation_reports_its_tokens(report: bool) -> None:
+    """The server's own counts from the stream's last chunk; a server that sends none: an estimate."""
+    from bot.llm.base import TokenUsage
+
+    server = await ScriptedModelServer(script=["Hello there, general Kenobi."], chunk_chars=5,
+                                       report_usage=report).start()
+    client = TGIClient(server.url, model=MODEL, backoff_s=0.01)
+    usage = TokenUsage()
+    try:
+        text = "".join([d async for d in client.stream_chat(MESSAGES, GenerationParams(), usage)])  # type: ignore[arg-type]
+    finally:
+        await client.aclose()
+        await server.stop()
+    assert text == "Hello there, general Kenobi."
+    assert server.requests[0]["stream_options"] == {"include_usage": True}
+    if report:
+        [sent] = server.usage
+        assert (usage.prompt_tokens, usage.completion_tokens, usage.exact) == (
+            sent["prompt_tokens"], sent["completion_tokens"], True)
+        assert usage.completion_tokens == 6  # 28 characters in chunks of 5
+    else:
+        assert server.usage == []
+        assert usage.prompt_tokens == client.count_tokens(MESSAGES)  # type: ignore[arg-type]
+        assert (usage.completion_tokens, usage.exact) == (6, False)

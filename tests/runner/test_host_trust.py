@@ -319,6 +319,9 @@ PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + b"\0" * 40
     reply(error={"name": "E", "value": 3, "traceback": ""}),
     reply(notes="a note"),
     reply(duration_s="1"),
+    # CPU seconds: a number, finite, >= 0, within a ceiling no honest cell reaches
+    reply(cpu_s=-0.5), reply(cpu_s=float("nan")), reply(cpu_s=float("inf")), reply(cpu_s=1e9),
+    reply(cpu_s=10**400), reply(cpu_s="0.3"), reply(cpu_s=True), reply(cpu_s=[0.3]),
     reply(timed_out=1),
     ["not", "a", "dict"],
 ])
@@ -344,6 +347,12 @@ def test_parse_keeps_what_is_honest_and_cuts_what_is_long() -> None:
     assert result.error.value == "v\ufffd" and result.duration_s == 2.0
     with pytest.raises(MalformedReply, match="together"):  # 14 bytes against a total of 13
         parse_result(reply(files=[{"name": f"f{i}", "size": 7, "data": b64(b"0" * 7)} for i in range(2)]), limits)
+
+
+def test_cpu_seconds_are_kept_when_honest_and_unknown_when_absent() -> None:
+    assert parse_result(reply(cpu_s=0.25), ReplyLimits()).cpu_s == 0.25
+    assert parse_result(reply(cpu_s=0), ReplyLimits()).cpu_s == 0.0
+    assert parse_result(reply(), ReplyLimits()).cpu_s is None  # an executor that cannot measure it
 
 
 def test_too_many_rich_results_are_cut_with_a_note() -> None:

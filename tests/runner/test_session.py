@@ -22,6 +22,18 @@ async def test_state_persists_across_cells(session: SandboxSession) -> None:
     assert (await run_ok(session, "math.sqrt(x + 8)")).results[0].text == "7.0"
 
 
+BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3:\n    pass\n"
+
+
+async def test_cpu_seconds_of_a_cell_count_its_processes(session: SandboxSession) -> None:
+    """The container's cgroup CPU time over the cell (usage accounting): ~0.3 s of CPU in the
+    kernel plus ~0.3 s in a child process; a sleeping cell uses almost none. CPU time, not wall."""
+    busy = await run_ok(session, BURN + f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {BURN!r}])")
+    assert busy.cpu_s is not None and busy.cpu_s > 0.45, busy.cpu_s
+    idle = await run_ok(session, "import time\ntime.sleep(0.3)")
+    assert idle.cpu_s is not None and idle.cpu_s < busy.cpu_s / 2, (idle.cpu_s, busy.cpu_s)
+
+
 async def test_stdout_stderr_and_result(session: SandboxSession) -> None:
     result = await run_ok(
         session,
