@@ -34,6 +34,9 @@ FIELDS: tuple[Field, ...] = ("rounds", "prompt", "profile", "enabled")
 PROMPT_CHARS = 300
 #: how long an adapter trusts an ``enabled`` it read (another replica's change shows within this)
 ENABLED_CACHE_S = 2.0
+#: what a request in a channel its admins turned off is told (by the adapter; the worker too)
+CHANNEL_DISABLED = ("codeloop is turned off in this channel by its admins; ask one of them to turn it back on "
+                    "(Slack: `/codeloop enable`, Discord: `/codeloop-config enable`).")
 _SPACES = re.compile(r"\s+")
 _ON = {"1", "on", "true", "yes", "enable", "enabled"}
 _OFF = {"0", "off", "false", "no", "disable", "disabled"}

@@ -17,13 +17,9 @@ from bot.core.jobs import Job
 from bot.core.settings import DEFAULT_PROFILE, Settings
 from bot.llm.base import ModelClient
 from bot.llm.profiles import ModelProfiles
-from bot.queue.channel_config import ChannelConfigs
+from bot.queue.channel_config import CHANNEL_DISABLED, ChannelConfigs
 
 log = logging.getLogger(__name__)
-
-CHANNEL_DISABLED = ("codeloop is turned off in this channel by its admins; ask one of them to turn it back on "
-                    "(Slack: `/codeloop enable`, Discord: `/codeloop-config enable`).")
-
 
 @dataclass(frozen=True)
 class JobSettings:
