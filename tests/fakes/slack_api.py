@@ -8,7 +8,8 @@ completeUploadExternal), ``url_private_download`` downloads of files registered 
 ``add_file`` (bearer token checked, like Slack's file servers; a worker reaches them only with
 ``download_test_hosts=fake.test_host``), and Socket Mode: apps.connections.open (app token)
 hands out a WebSocket URL on which ``send_envelope`` pushes payloads and the app's acks are
-recorded, and slash commands' ``response_url`` (``response_url(key)``; posts recorded as calls). ``fail_next(method, 429)`` makes a method answer with a rate limit first, so retry
+recorded; slash commands' ``response_url`` (``response_url(key)``: posts there are recorded as
+calls). ``fail_next(method, 429)`` makes a method answer with a rate limit first, so retry
 handling is exercised for real.
 """
 

@@ -51,7 +51,8 @@ class ChannelSettings:
 
 def config_group(handler: ChannelSettings) -> app_commands.Group:
     group = app_commands.Group(name=NAME, description="codeloop's settings for this channel (admins)",
-                               guild_only=True, default_permissions=discord.Permissions(manage_guild=True))
+                               allowed_contexts=app_commands.AppCommandContext(guild=True),
+                               default_permissions=discord.Permissions(manage_guild=True))
 
     @group.command(name="show", description="Show this channel's settings")
     async def show(interaction: discord.Interaction[Any]) -> None:

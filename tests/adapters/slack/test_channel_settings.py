@@ -80,7 +80,8 @@ async def test_show_set_reset_and_bad_values_answered_clearly(make_rig, model_se
     assert "There is no setting `colour`" in await command(rig, "set colour red")
     assert "Unknown command `frobnicate`" in await command(rig, "frobnicate")
     assert "`/codeloop set rounds <0-3>`" in await command(rig, "help")
-    assert (await stored(rig))[b"rounds"] == b"2" and (await stored(rig))[b"profile"] == b"big"  # bad values changed nothing
+    kept = await stored(rig)  # bad values changed nothing
+    assert kept[b"rounds"] == b"2" and kept[b"profile"] == b"big"
     assert "prompt: (none)" in await command(rig, "set prompt")  # nothing after prompt removes it
 
     after_reset = await command(rig, "reset")
@@ -105,3 +106,46 @@ async def test_a_disabled_channel_refuses_requests_at_intake_until_enabled(make_
     await rig.post_event(event_body(mention("<@UBOT> print 1+1")))
     [job] = await rig.jobs()  # enqueued before the ack
     assert job.conversation.channel == CHANNEL
+
+
+@pytest.mark.docker
+async def test_end_to_end_the_admins_profile_and_round_limit_run_the_job_and_show_in_its_status(
+        make_rig, start_worker, model_server):
+    """Slack → adapter → Redis → real worker: the job goes to the profile's server under its served
+    name, with the admin's round limit, and the status line says so."""
+    from tests.fakes.model_server import ScriptedModelServer
+
+    big = await ScriptedModelServer(script=["Big says hi."], served_model="ds-33b").start()
+    try:
+        profiles = f"big={big.url}|ds-33b"
+        rig = await make_rig(model_profiles=profiles, max_rounds=3)
+        await start_worker(slack_bot_token=rig.fake.token, model_profiles=profiles, max_rounds=3)
+        rig.fake.set_user(ADMIN, is_admin=True)
+        await command(rig, "set profile big")
+        assert "up to 3" in await command(rig, "set rounds 1")
+        event = mention("<@UBOT> say hi")
+        await rig.post_event(event_body(event))
+        await rig.fake.wait_for(lambda: [r for r in rig.fake.reactions if r[1] == event["ts"]], within=120)
+        status = rig.fake.thread(CHANNEL, event["ts"])[0]
+        assert status["text"] == ":white_check_mark: Done (1 round) · model: big · up to 1 fix"
+        assert [r["model"] for r in big.requests] == ["ds-33b"] and model_server.requests == []
+    finally:
+        await big.stop()
+
+
+async def test_the_status_line_shows_a_channels_own_setup_while_running(make_rig):
+    from bot.core.jobs import Event
+    from bot.queue.stream import JobQueue
+
+    rig = await make_rig(edit_interval=0.1)
+    event = mention("<@UBOT> print 1+1")
+    await rig.post_event(event_body(event))
+    [job] = await rig.jobs()
+    [status] = await rig.fake.wait_for(lambda: rig.fake.thread(CHANNEL, event["ts"]))
+    queue = JobQueue(rig.redis, rig.settings)
+    await queue.publish(job.reply_stream, Event(job_id=job.id, conversation=job.conversation, seq=1, type="status",
+                                                payload={"text": "thinking", "setup": "model: <big> · no fixes"},
+                                                meta=job.meta))
+    shown = ":hourglass_flowing_sand: thinking · model: &lt;big&gt; · no fixes"  # escaped
+    await rig.fake.wait_for(lambda: [c for c in rig.fake.calls_to("chat.update")
+                                     if c["ts"] == status["ts"] and c["text"] == shown])
