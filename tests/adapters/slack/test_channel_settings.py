@@ -149,3 +149,13 @@ async def test_the_status_line_shows_a_channels_own_setup_while_running(make_rig
     shown = ":hourglass_flowing_sand: thinking · model: &lt;big&gt; · no fixes"  # escaped
     await rig.fake.wait_for(lambda: [c for c in rig.fake.calls_to("chat.update")
                                      if c["ts"] == status["ts"] and c["text"] == shown])
+
+
+def test_the_manifest_declares_the_command():
+    from pathlib import Path
+
+    import yaml
+
+    manifest = yaml.safe_load((Path(__file__).resolve().parents[3] / "deploy" / "slack-manifest.yml").read_text())
+    [cmd] = manifest["features"]["slash_commands"]
+    assert cmd["command"] == "/codeloop" and "commands" in manifest["oauth_config"]["scopes"]["bot"]
