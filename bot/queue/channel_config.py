@@ -16,6 +16,7 @@ operator may have lowered CODELOOP_MAX_ROUNDS or removed a profile since.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import unicodedata
@@ -131,6 +132,8 @@ class ChannelConfigs:
         self.redis = redis
         self.settings = settings
         self._enabled: dict[str, tuple[float, bool]] = {}
+        #: reads in flight: a burst of requests in one channel shares one HGET
+        self._reading: dict[str, asyncio.Future[bool]] = {}
 
     def key(self, platform: str, channel: str) -> str:
         return self.settings.key("chancfg", platform, channel)
@@ -159,17 +162,32 @@ class ChannelConfigs:
         self._enabled.pop(key, None)
 
     async def enabled(self, platform: str, channel: str) -> bool:
-        """Whether the channel takes requests; read at most every ``ENABLED_CACHE_S`` per channel
-        (an adapter asks on every request; this replica's own changes apply at once)."""
+        """Whether the channel takes requests; read at most every ``ENABLED_CACHE_S`` per channel,
+        and once for a burst (an adapter asks on every request, on its ack path; this replica's
+        own changes apply at once)."""
         key = self.key(platform, channel)
         hit = self._enabled.get(key)
-        now = time.monotonic()
-        if hit is not None and hit[0] > now:
+        if hit is not None and hit[0] > time.monotonic():
             return hit[1]
-        on = await self.redis.hget(key, "enabled") not in (b"0", "0")
+        reading = self._reading.get(key)
+        if reading is not None:
+            return await asyncio.shield(reading)
+        reading = self._reading[key] = asyncio.get_running_loop().create_future()
+        try:
+            on = await self.redis.hget(key, "enabled") not in (b"0", "0")
+        except asyncio.CancelledError:
+            reading.cancel()
+            raise
+        except Exception as exc:
+            reading.set_exception(exc)
+            reading.exception()  # marked retrieved: those waiting get it, nobody else needs to
+            raise
+        finally:
+            self._reading.pop(key, None)
         if len(self._enabled) > 10_000:
             self._enabled.clear()
-        self._enabled[key] = (now + ENABLED_CACHE_S, on)
+        self._enabled[key] = (time.monotonic() + ENABLED_CACHE_S, on)
+        reading.set_result(on)
         return on
 
 
