@@ -40,3 +40,34 @@ def test_secrets_do_not_show(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CODELOOP_SLACK_BOT_TOKEN", "xoxb-very-secret")
     s = Settings.load()
     assert "xoxb-very-secret" not in repr(s) and "xoxb-very-secret" not in str(s)
+
+
+def test_model_profiles_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CODELOOP_MODEL_PROFILES",
+                       "fast=http://tgi-1.3b:80, Big=http://vllm-33b:8000/|served-name,gw=https://gw.example/v1path")
+    profiles = Settings.load().profiles
+    assert list(profiles) == ["fast", "big", "gw"]
+    assert (profiles["fast"].url, profiles["fast"].model) == ("http://tgi-1.3b:80", None)
+    assert (profiles["big"].url, profiles["big"].model) == ("http://vllm-33b:8000", "served-name")
+    assert Settings.load(model_profiles="").profiles == {}
+
+
+@pytest.mark.parametrize(("value", "expect"), [
+    ("fast", "is not name=url"),
+    ("=http://h:80", "a profile name is"),
+    ("my model=http://h:80", "a profile name is"),
+    ("default=http://h:80", "names the worker's own model"),
+    ("fast=tgi:80", "is not an http(s)://host"),
+    ("fast=ftp://h:80", "is not an http(s)://host"),
+    ("fast=http://h:99999", "is not a URL"),
+    ("fast=http://h:80?x=1", "is not an http(s)://host"),
+    ("fast=http://h:80|", "served model name after '|' is empty"),
+    ("fast=http://h:80|two words", "served model name after '|' is empty or has spaces"),
+    ("fast=http://a:80,FAST=http://b:80", "profile fast is named more than once"),
+])
+def test_bad_model_profiles_fail_with_the_entry_named(monkeypatch: pytest.MonkeyPatch, value: str,
+                                                      expect: str) -> None:
+    monkeypatch.setenv("CODELOOP_MODEL_PROFILES", value)
+    with pytest.raises(ConfigError, match="CODELOOP_MODEL_PROFILES") as raised:
+        Settings.load()
+    assert expect in str(raised.value)

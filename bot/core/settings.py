@@ -12,7 +12,10 @@ none when empty. Only ``CODELOOP_*`` lines count: the ``DEPLOY_*`` ones are comp
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -24,6 +27,45 @@ DEFAULT_ENV_FILE = ".env"
 #: CODELOOP_SYSTEM_PROMPT=none: send no system turn (the model's chat template applies its own)
 NO_SYSTEM_PROMPT = "none"
 CSV = Annotated[list[str], NoDecode]
+#: a model profile's name (CODELOOP_MODEL_PROFILES): what admins type in the channel command
+PROFILE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
+#: the profile a channel uses when none is chosen: the worker's own backend
+DEFAULT_PROFILE = "default"
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """A named model endpoint from CODELOOP_MODEL_PROFILES: a TGI / OpenAI-compatible server at
+    ``url``, asked for ``model`` (None: CODELOOP_MODEL, as for the default server)."""
+
+    name: str
+    url: str
+    model: str | None = None
+
+
+def parse_profile(item: str) -> ModelProfile:
+    """``name=url`` or ``name=url|served-name``; ValueError says what is wrong with ``item``."""
+    name, eq, rest = item.partition("=")
+    name = name.strip().lower()
+    if not eq:
+        raise ValueError(f"{item!r} is not name=url or name=url|served-name")
+    if not PROFILE_NAME.fullmatch(name):
+        raise ValueError(f"{item!r}: a profile name is 1-32 of a-z 0-9 _ . - (starting with a letter or digit)")
+    if name == DEFAULT_PROFILE:
+        raise ValueError(f"{item!r}: {DEFAULT_PROFILE!r} names the worker's own model; pick another name")
+    url, bar, served = rest.partition("|")
+    url, served = url.strip(), served.strip()
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # a bad port raises here
+    except ValueError:
+        raise ValueError(f"{item!r}: {url!r} is not a URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
+            or any(c.isspace() for c in url):
+        raise ValueError(f"{item!r}: {url!r} is not an http(s)://host[:port][/path] URL")
+    if bar and (not served or any(c.isspace() or c in "|=" for c in served)):
+        raise ValueError(f"{item!r}: the served model name after '|' is empty or has spaces")
+    return ModelProfile(name, url.rstrip("/"), served or None)
 
 
 def _split_csv(value: object) -> object:
@@ -80,6 +122,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_batch: int = Field(16, ge=1, le=512, description="concurrent sequences in the in-process backend")
     max_rounds: int = Field(3, ge=0, le=20, description="feedback rounds after the first reply")
+    #: named endpoints admins may pick per channel (bot/queue/channel_config.py); the default stays above
+    model_profiles: CSV = Field(
+        default_factory=list,
+        description="named model servers for per-channel choice: name=url or name=url|served-name, comma-separated")
     #: empty = codeloop's built-in prompt (bot/agent/prompts.py); "none" = no system turn
     system_prompt: str | None = Field(None, description="system turn of every conversation")
     #: key for `codeloop eval --human-feedback-url` (the critic's OpenAI-compatible server)
@@ -196,6 +242,7 @@ class Settings(BaseSettings):
         "discord_allowed_guilds",
         "discord_allowed_channels",
         "redis_sentinels",
+        "model_profiles",
         mode="before",
     )(_split_csv)
 
@@ -206,6 +253,15 @@ class Settings(BaseSettings):
             host, colon, port = item.rpartition(":")
             if not colon or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"{item!r} is not host:port")
+        return value
+
+    @field_validator("model_profiles")
+    @classmethod
+    def _profiles_parse(cls, value: list[str]) -> list[str]:
+        names = [parse_profile(item).name for item in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"profile {', '.join(twice)} is named more than once")
         return value
 
     @field_validator("sandbox_labels")
@@ -247,6 +303,11 @@ class Settings(BaseSettings):
         if self.llm_backend is not None:
             return self.llm_backend
         return "tgi" if self.llm_url else "transformers"
+
+    @property
+    def profiles(self) -> dict[str, ModelProfile]:
+        """CODELOOP_MODEL_PROFILES by name (checked when the settings were read)."""
+        return {p.name: p for p in map(parse_profile, self.model_profiles)}
 
     def system_turn(self, built_in: str) -> str | None:
         """The system prompt to send: ``built_in`` unless one is set; None for ``none``."""

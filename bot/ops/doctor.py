@@ -12,6 +12,7 @@ check failed (warnings do not fail), so it serves as a container healthcheck too
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 from collections.abc import Callable
@@ -219,10 +220,13 @@ def run_checks(only: list[str], timeout: float) -> list[Result]:
     doctor = Doctor(settings, timeout)
     checks: dict[str, Callable[[], str]] = {
         "redis": doctor.redis, "docker": doctor.docker, "sandbox": doctor.sandbox, "model": doctor.model,
+        # each CODELOOP_MODEL_PROFILES server, checked like the default one (``--only model`` includes them)
+        **{f"model:{name}": functools.partial(doctor_http.model_profile, settings, name, timeout)
+           for name in settings.profiles},
         "slack": doctor.slack, "discord": doctor.discord,
     }
     for name, check in checks.items():
-        if only and name not in only:
+        if only and name.partition(":")[0] not in only:
             continue
         if name in ("slack", "discord") and not only and not platform_enabled(settings, name):
             results.append(Result(name, "skip", f"not configured (no CODELOOP_{name.upper()}_* token)"))

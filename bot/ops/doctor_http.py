@@ -81,19 +81,33 @@ def _json(raw: bytes) -> Any:
 # --- the model server ---------------------------------------------------------------------------
 
 def model_server(settings: Settings, timeout: float) -> str:
-    url = (settings.llm_url or "").rstrip("/")
+    return model_endpoint(settings, (settings.llm_url or "").rstrip("/"), settings.model, timeout)
+
+
+def model_profile(settings: Settings, name: str, timeout: float) -> str:
+    """A CODELOOP_MODEL_PROFILES endpoint, checked like the default server: it serves its model."""
+    profile = settings.profiles[name]
+    where = f"profile {name} in CODELOOP_MODEL_PROFILES"
+    model_var = f"the name after '|' in {where}" if profile.model else f"CODELOOP_MODEL (or add '|name' to {where})"
+    return model_endpoint(settings, profile.url, profile.model or settings.model, timeout, url_var=where,
+                          model_var=model_var)
+
+
+def model_endpoint(settings: Settings, url: str, wanted: str, timeout: float, *,
+                   url_var: str = "CODELOOP_LLM_URL", model_var: str = "CODELOOP_MODEL") -> str:
+    """The server at ``url`` answers and serves ``wanted``; the fixes name ``url_var`` and ``model_var``."""
     shown = redact(url)
     headers = {}
     if settings.llm_token is not None:
         headers["Authorization"] = f"Bearer {settings.llm_token.get_secret_value()}"
-    wanted = settings.model
+    assign = "=" if model_var == "CODELOOP_MODEL" else " to "
 
     def get(path: str) -> Reply:
         try:
             reply = fetch(url + path, headers, timeout)
         except Unreachable as exc:
             raise Problem(f"no model server answers at {shown} ({exc})",
-                          "start it (compose: --profile tgi) or set CODELOOP_LLM_URL") from None
+                          f"start it (compose: --profile tgi) or set {url_var}") from None
         if reply.status in (401, 403):
             raise Problem(f"the model server at {shown} rejected us ({reply.status} on {path})",
                           "set CODELOOP_LLM_TOKEN to a token it accepts")
@@ -108,8 +122,9 @@ def model_server(settings: Settings, timeout: float) -> str:
         served = str(info.body["model_id"])
         if served != wanted:
             # TGI serves its one model whatever name a request carries: works, but says otherwise.
-            raise Advice(f"TGI at {shown} serves {served} (it ignores the model name), but CODELOOP_MODEL "
-                         f"is {wanted}: set CODELOOP_MODEL={served} so logs and metrics name the model that answers")
+            raise Advice(f"TGI at {shown} serves {served} (it ignores the model name), but {model_var} "
+                         f"is {wanted}: set {model_var}{assign}{served} so logs and metrics name "
+                         "the model that answers")
         return f"TGI at {shown} serves {served}"
     models = get("/v1/models")
     if models.status == 200:
@@ -120,13 +135,13 @@ def model_server(settings: Settings, timeout: float) -> str:
         if wanted in names:
             return f"{shown} serves {wanted}"
         if names:
-            raise Problem(f"the model server at {shown} does not serve {wanted!r} (CODELOOP_MODEL); it serves: "
-                          + ", ".join(names), "set CODELOOP_MODEL to one of those names, or load the model there")
+            raise Problem(f"the model server at {shown} does not serve {wanted!r} ({model_var}); it serves: "
+                          + ", ".join(names), f"set {model_var} to one of those names, or load the model there")
     if health.status == 200:
         raise Advice(f"{shown} answers /health but lists no models (/info, /v1/models): cannot tell whether it "
                      f"serves {wanted}")
     raise Problem(f"{shown} is not a TGI or OpenAI-compatible server ({health.status} on /health, "
-                  f"{models.status} on /v1/models)", "point CODELOOP_LLM_URL at the server's base URL, without /v1")
+                  f"{models.status} on /v1/models)", f"point {url_var} at the server's base URL, without /v1")
 
 
 # --- Slack --------------------------------------------------------------------------------------

@@ -25,15 +25,18 @@ from bot.core.limits import InputLimits, Upload, check_upload
 from bot.core.notebook import NotebookRecorder
 from bot.core.settings import Settings
 from bot.llm.base import GenerationParams, ModelClient
+from bot.llm.profiles import ModelProfiles
 from bot.ops import metrics
 from bot.queue import usage
 from bot.queue.blobs import BlobStore, JobBlobs, MemoryGuard
+from bot.queue.channel_config import ChannelConfigs
 from bot.queue.outbox import Outbox
 from bot.queue.ratelimit import RateLimiter
 from bot.queue.stream import Delivery, JobQueue
 from bot.worker import thread_notebook
 from bot.worker.downloads import DownloadPolicy
 from bot.worker.files_store import FilesStore
+from bot.worker.job_settings import JobSettings, job_settings
 from bot.worker.sandbox_link import ThreadSandbox
 from bot.worker.store import ConversationState, ConversationStore, trim_history
 
@@ -48,7 +51,8 @@ class JobRun:
 
     def __init__(self, delivery: Delivery, queue: JobQueue, store: ConversationStore, model: ModelClient,
                  sandboxes: Sandboxes, settings: Settings, http: aiohttp.ClientSession, *,
-                 blobs: BlobStore | None = None, memory: MemoryGuard | None = None) -> None:
+                 blobs: BlobStore | None = None, memory: MemoryGuard | None = None,
+                 profiles: ModelProfiles | None = None, channels: ChannelConfigs | None = None) -> None:
         assert delivery.job is not None
         self.delivery = delivery
         self.job: Job = delivery.job
@@ -69,9 +73,15 @@ class JobRun:
         self.stopped = False
         #: this job's cells for the thread's notebook (bot/worker/thread_notebook.py), fed by ``emit``
         self.notebook: NotebookRecorder | None = None
+        #: the channel's profile and per-channel settings (bot/worker/job_settings.py), per message job
+        self.profiles = profiles or ModelProfiles(settings, model)
+        self.channels = channels or ChannelConfigs(queue.redis, settings)
+        self.setup: JobSettings | None = None
 
     def event(self, type_: str, payload: dict[str, Any]) -> Event:
         self.seq += 1
+        if self.setup is not None and self.setup.note and type_ in ("status", "final"):
+            payload = {**payload, "setup": self.setup.note}  # the status line shows what differs
         return Event(job_id=self.job.id, conversation=self.job.conversation, seq=self.seq, type=type_,  # type: ignore[arg-type]
                      payload=payload, meta=self.job.meta)
 
@@ -138,6 +148,7 @@ class JobRun:
                 final = await self._export()
                 mode = "keep"
             else:
+                self.setup = await job_settings(job, self.settings, self.channels, self.profiles)
                 turn = self._turn(state)
                 self.task = asyncio.current_task()
                 final = await self._message(state, turn)
@@ -198,9 +209,11 @@ class JobRun:
         return await self.queue.is_cancelled(self.job.id) or self.stopped
 
     def _turn(self, state: ConversationState) -> Turn:
-        return Turn(model=self.model, params=GenerationParams.from_settings(self.settings),
-                    max_rounds=self.settings.max_rounds, feedback_chars=self.settings.feedback_chars,
-                    system_prompt=self.settings.system_turn(SYSTEM_PROMPT), history=list(state.history))
+        setup = self.setup or JobSettings(self.settings.max_rounds, self.settings.system_turn(SYSTEM_PROMPT),
+                                          self.model)
+        return Turn(model=setup.model, params=GenerationParams.from_settings(self.settings),
+                    max_rounds=setup.max_rounds, feedback_chars=self.settings.feedback_chars,
+                    system_prompt=setup.system_prompt, history=list(state.history))
 
     async def _message(self, state: ConversationState, turn: Turn) -> Event:
         job = self.job

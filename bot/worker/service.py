@@ -34,9 +34,11 @@ from bot.core.jobs import Event
 from bot.core.settings import Settings
 from bot.llm import make_client
 from bot.llm.base import ModelClient
+from bot.llm.profiles import ModelProfiles
 from bot.ops import metrics
 from bot.queue import redis_conn
 from bot.queue.blobs import BlobStore, MemoryGuard
+from bot.queue.channel_config import ChannelConfigs
 from bot.queue.ordering import Signals, StuckTurn
 from bot.queue.ratelimit import FairSlots, RateLimiter, user_key
 from bot.queue.stream import Delivery, JobQueue
@@ -84,6 +86,9 @@ class Worker:
         self.parked_count = 0
         self.blobs = BlobStore(self.redis, settings)
         self.memory = MemoryGuard(self.redis, settings.redis_shed_ratio)
+        self.channels = ChannelConfigs(self.redis, settings)
+        #: CODELOOP_MODEL_PROFILES' clients, made when a channel first uses one (set up in ``run``)
+        self.profiles: ModelProfiles | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.locks: dict[str, tuple[str, str]] = {}  # entry id -> (conversation lock key, token)
         # A dead worker's lock must lapse by the time its entry is reclaimed, hence the min().
@@ -102,6 +107,7 @@ class Worker:
         await self.queue.ensure_group()
         if self.model is None:
             self.model = make_client(self.settings)
+        profiles = self.profiles = ModelProfiles(self.settings, self.model)
         if self.sandboxes is None:
             self.sandboxes = _make_sandboxes(self.settings)
         await self.sandboxes.start()
@@ -124,6 +130,7 @@ class Worker:
                 await asyncio.gather(*background, return_exceptions=True)
                 await signals.stop()
                 await self.sandboxes.aclose()
+                await profiles.aclose()
                 await self.redis.delete(self.settings.key("workers", self.name))
                 await self.redis.aclose()
 
@@ -243,7 +250,7 @@ class Worker:
             return
         assert self.model is not None and self.sandboxes is not None
         run = JobRun(delivery, self.queue, self.store, self.model, self.sandboxes, self.settings, self.http,
-                     blobs=self.blobs, memory=self.memory)
+                     blobs=self.blobs, memory=self.memory, profiles=self.profiles, channels=self.channels)
         if not await self._begin(run):
             return  # finished before a crash hid its ack; begin acked it
         try:

@@ -342,3 +342,26 @@ def test_quiet_prints_only_problems_and_unknown_checks_are_rejected(
     assert (code, out) == (0, "")
     code, _, out = doctor(capsys, "--only", "dokcer")
     assert code == 2 and "unknown check dokcer" in out
+
+
+async def test_each_model_profile_is_checked_like_the_default_model(capsys: pytest.CaptureFixture[str],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """CODELOOP_MODEL_PROFILES: one line per profile, failing where the server does not serve its name."""
+    default = await ScriptedModelServer().start()  # TGI-like
+    big = await ScriptedModelServer(served_model="ds-33b").start()  # vLLM-like: serves one name
+    monkeypatch.setenv("CODELOOP_LLM_URL", default.url)
+    monkeypatch.setenv("CODELOOP_MODEL", "scripted")
+    try:
+        monkeypatch.setenv("CODELOOP_MODEL_PROFILES", f"fast={default.url},big={big.url}|ds-33b")
+        code, statuses, out = await adoctor(capsys, "--only", "model")
+        assert (code, statuses["model"], statuses["model:fast"], statuses["model:big"]) == (0, "ok", "ok", "ok"), out
+        assert f"{big.url} serves ds-33b" in out
+        monkeypatch.setenv("CODELOOP_MODEL_PROFILES", f"big={big.url}|ds-6.7b,gone=http://127.0.0.1:{closed_port()}")
+        code, statuses, out = await adoctor(capsys, "--only", "model")
+        assert (code, statuses["model"], statuses["model:big"], statuses["model:gone"]) == (1, "ok", "FAIL", "FAIL")
+        assert ("does not serve 'ds-6.7b' (the name after '|' in profile big in CODELOOP_MODEL_PROFILES); "
+                "it serves: ds-33b") in out
+        assert "or set profile gone in CODELOOP_MODEL_PROFILES" in out
+    finally:
+        await default.stop()
+        await big.stop()

@@ -8,7 +8,8 @@ completeUploadExternal), ``url_private_download`` downloads of files registered 
 ``add_file`` (bearer token checked, like Slack's file servers; a worker reaches them only with
 ``download_test_hosts=fake.test_host``), and Socket Mode: apps.connections.open (app token)
 hands out a WebSocket URL on which ``send_envelope`` pushes payloads and the app's acks are
-recorded. ``fail_next(method, 429)`` makes a method answer with a rate limit first, so retry
+recorded; slash commands' ``response_url`` (``response_url(key)``: posts there are recorded as
+calls). ``fail_next(method, 429)`` makes a method answer with a rate limit first, so retry
 handling is exercised for real.
 """
 
@@ -74,6 +75,7 @@ class FakeSlackAPI(HTTPRecorder[Call]):
         app.router.add_post("/upload/{file_id}", self._upload)
         app.router.add_get("/files/{key}/{name}", self._download)
         app.router.add_get("/socket", self._socket)
+        app.router.add_post("/respond/{key}", self._respond)
 
     def describe(self, call: Call) -> object:
         return call.method
@@ -119,6 +121,11 @@ class FakeSlackAPI(HTTPRecorder[Call]):
                                            "accepts_response_payload": False, "retry_attempt": 0,
                                            "retry_reason": ""})
         return envelope_id
+
+    def response_url(self, key: str = "cmd") -> str:
+        """A slash command's ``response_url``: what is posted there is recorded as a call to
+        ``response_url`` (its JSON body, plus ``key``)."""
+        return f"{self.base}/respond/{key}"
 
     def fail_next(self, method: str, status: int, times: int = 1) -> None:
         self._failures.setdefault(method, []).extend([status] * times)
@@ -262,6 +269,10 @@ class FakeSlackAPI(HTTPRecorder[Call]):
                 await self._record("socket_ack", self.socket_acks[-1])
         self._sockets.remove(ws)
         return ws
+
+    async def _respond(self, request: web.Request) -> web.Response:
+        await self._record("response_url", {**await request.json(), "key": request.match_info["key"]})
+        return web.Response(text="ok")
 
     async def _upload(self, request: web.Request) -> web.Response:
         upload = self.uploads.get(request.match_info["file_id"])

@@ -25,7 +25,8 @@ from bot.queue import redis_conn
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sync", action="store_true",
-                        help="register the /code command with Discord and exit (once, and after upgrades)")
+                        help="register the /code and /codeloop-config commands with Discord and exit "
+                             "(once, and after upgrades)")
     parser.add_argument("--guild", type=int, metavar="ID",
                         help="with --sync: register in this server only; it shows at once, while global "
                              "commands can take up to an hour to appear")

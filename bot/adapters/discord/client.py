@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from discord import app_commands
 from discord.http import Route
 
+from bot.adapters.discord.channel_settings import ChannelSettings, config_group
 from bot.adapters.discord.intake import Intake
 from bot.adapters.discord.render import EDIT_INTERVAL_S, Renderer
 from bot.adapters.discord.store import DiscordStore
@@ -82,6 +83,7 @@ class CodeloopBot(discord.Client):
         self.renderer = Renderer(self, self.store, edit_interval_s)
         self.tree: app_commands.CommandTree[CodeloopBot] = app_commands.CommandTree(self)
         self.tree.add_command(code_command(self.controls))
+        self.tree.add_command(config_group(ChannelSettings(self.controls.channels, self.controls.refusal)))
         self._stopping = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
 

@@ -111,8 +111,9 @@ def mention(user_id: str) -> str:
     return f"<@{user_id}>" if user_id.isdigit() else user_id
 
 
-def status_line(text: str) -> str:
-    return inert(f"⏳ {text.strip() or 'working'}…")
+def status_line(text: str, setup: object = None) -> str:
+    """``setup``: the channel's own model and round limit (``model: big · up to 2 fixes``), if any."""
+    return inert(f"⏳ {text.strip() or 'working'}…" + (f" · {setup}" if setup else ""))
 
 
 def final_line(payload: dict[str, Any]) -> str:
@@ -120,6 +121,8 @@ def final_line(payload: dict[str, Any]) -> str:
         return "⏹ Stopped."
     rounds = payload.get("rounds")
     done = f" · {rounds} round{'s' if rounds != 1 else ''}" if isinstance(rounds, int) and rounds else ""
+    if payload.get("setup"):
+        done += inert(f" · {payload['setup']}")
     if payload.get("ok", True):
         return f"✅ Done{done}"
     return f"⚠️ Finished, but the last run failed{done}"

@@ -30,6 +30,7 @@ from bot.core.errors import CodeloopError, InputRejected
 from bot.core.jobs import Attachment, Conversation, Job, JobKind
 from bot.core.limits import InputLimits, Upload, check_text, check_upload, partition_uploads
 from bot.core.settings import Settings
+from bot.queue.channel_config import CHANNEL_DISABLED, ChannelConfigs
 from bot.queue.ratelimit import Refusal
 from bot.queue.replies import reply_stream
 from bot.queue.stream import JobQueue
@@ -88,6 +89,8 @@ class Intake:
         self.ownership = Ownership(queue.redis, settings)
         self.limits = InputLimits.from_settings(settings)
         self.reply_stream = reply_stream(settings, "discord")
+        #: per-channel settings (``/codeloop-config``); a channel turned off takes no requests
+        self.channels = ChannelConfigs(queue.redis, settings)
 
     # --- checks --------------------------------------------------------------------------------
     def refusal(self, guild_id: int | None, *channel_ids: int | None) -> str | None:
@@ -133,6 +136,8 @@ class Intake:
                 check_upload(_upload(file), self.limits)
         except InputRejected as exc:
             problem = problem or exc.user_message()
+        if not problem and not await self.channels.enabled("discord", str(parent or interaction.channel_id)):
+            problem = CHANNEL_DISABLED
         job_id = uuid.uuid4().hex
         problem = problem or await self._reserve(interaction.user.id, job_id)
         admitted = None
@@ -204,6 +209,9 @@ class Intake:
         kind, text = parse_control(message.content)
         if kind == "stop":
             await self._typed_stop(message, conversation)
+            return
+        if kind == "message" and not await self.channels.enabled("discord", conversation.channel):
+            await message.reply(CHANNEL_DISABLED)
             return
         accepted, refused = partition_uploads(((a, _upload(a)) for a in message.attachments), self.limits)
         try:
@@ -319,6 +327,8 @@ class Intake:
     async def _rerun_problem(self, interaction: discord.Interaction[Any], old: Job, job: Job) -> str | None:
         if job.kind == "reset":
             return await self.ownership.check_reset(job, known(interaction.permissions.manage_messages), fmt.mention)
+        if job.kind == "message" and not await self.channels.enabled("discord", old.conversation.channel):
+            return CHANNEL_DISABLED
         if old.attachments and not job.attachments and not old.text.strip():
             return (f"That request was only files, which stay private to {fmt.mention(old.user)}; "
                     "only they can re-run it.")

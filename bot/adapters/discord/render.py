@@ -75,7 +75,7 @@ class Renderer:
         if event.type == "delta":
             await self._delta(reply, payload)
         elif event.type == "status":
-            reply.status = fmt.status_line(str(payload.get("text") or ""))
+            reply.status = fmt.status_line(str(payload.get("text") or ""), payload.get("setup"))
             reply.dirty = True
             await self._schedule(reply)
         elif event.type in ("image", "file"):

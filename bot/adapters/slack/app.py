@@ -25,6 +25,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.adapters.ownership import Ownership
+from bot.adapters.slack.channel_settings import COMMAND, ChannelSettingsCommand
 from bot.adapters.slack.context import thread_context
 from bot.adapters.slack.controls import SlackControls
 from bot.adapters.slack.inbound import (
@@ -39,6 +40,7 @@ from bot.adapters.slack.inbound import (
 from bot.adapters.slack.render import SlackRenderer
 from bot.core.jobs import Job
 from bot.core.settings import Settings
+from bot.queue.channel_config import CHANNEL_DISABLED, ChannelConfigs
 from bot.queue.redis_conn import claim_once
 from bot.queue.replies import reply_stream
 from bot.queue.stream import EnqueueResult, JobQueue
@@ -83,6 +85,8 @@ class SlackAdapter:
                                       ownership=self.ownership)
         self.controls = SlackControls(settings, self.client, self.ownership, self.reply_stream, self._submit,
                                       self._tell)
+        self.channels = ChannelConfigs(redis, settings)
+        self.channel_settings = ChannelSettingsCommand(settings, self.channels, self.controls.moderators, self._http)
         secret = settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else None
         self.app = AsyncApp(
             client=self.client,
@@ -97,6 +101,7 @@ class SlackAdapter:
         self.app.action(STOP_ACTION)(self.on_stop)
         self.app.shortcut(RESET_SHORTCUT)(self.on_reset)
         self.app.shortcut(EXPORT_SHORTCUT)(self.on_export)
+        self.app.command(COMMAND)(self.on_command)
         self._background: set[asyncio.Task[Any]] = set()
 
     # --- listeners (all return within a Redis round trip or two) ----------------------------------
@@ -117,6 +122,10 @@ class SlackAdapter:
                                 self.settings.idempotency_ttl_s):
                 await self.controls.typed(inbound, event_id)
             return
+        if inbound.job is not None and not is_dm(event) and not await self.channels.enabled("slack",
+                                                                                             inbound.where.channel):
+            # turned off by the channel's admins (/codeloop disable): no job, one ephemeral line
+            inbound.job, inbound.notices = None, [CHANNEL_DISABLED]
         if (inbound.job is not None and event.get("type") == "app_mention" and not is_dm(event)
                 and inbound.where.thread_ts not in (None, inbound.where.message_ts)):
             inbound.job = await self._with_thread_context(inbound.job, team, inbound.where, context.bot_user_id)
@@ -167,6 +176,11 @@ class SlackAdapter:
     async def on_export(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         await self.controls.export_shortcut(body)
         await ack()
+
+    async def on_command(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        """``/codeloop``: acked at once; the answer follows through the response_url."""
+        await ack()
+        self.spawn(self.channel_settings.handle(body))
 
     # --- helpers --------------------------------------------------------------------------------------
     async def _submit(self, job: Job) -> EnqueueResult:

@@ -240,6 +240,8 @@ class SlackRenderer:
             reaction = "white_check_mark"
         else:
             line, reaction = ":x: Finished, but the code still fails.", "x"
+        if p.get("setup") and event.type == "final":
+            line += f" · {escape(str(p['setup']))}"
         if view.status_ts:
             await self._call("chat_update", channel=view.where.channel, ts=view.status_ts, text=line,
                              blocks=status_blocks(line, None))

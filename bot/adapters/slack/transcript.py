@@ -84,7 +84,8 @@ class Transcript:
         """Fold ``event`` in; returns a file to upload when the event brings one."""
         p: dict[str, Any] = event.payload
         if event.type == "status":
-            self.status = str(p.get("text") or "")
+            # ``setup``: the channel's own model and round limit, where they differ from the defaults
+            self.status = " · ".join(str(v) for v in (p.get("text"), p.get("setup")) if v)
         elif event.type == "delta":
             self._delta(str(p.get("text") or ""), int(p.get("round") or 0))
         elif event.type == "code":

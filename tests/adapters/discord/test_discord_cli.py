@@ -25,13 +25,13 @@ def _args(*argv: str) -> argparse.Namespace:
 async def test_sync_registers_code_in_one_guild(discord_settings, fake_discord, capsys):
     assert await discord_cli.run(discord_settings(), _args("--sync", "--guild", "123")) == 0
     [call] = fake_discord.find("PUT", rf"/applications/{fake_discord.application_id}/guilds/123/commands")
-    [command] = call.json
-    assert command["name"] == "code" and command["type"] == 1
+    command, config = call.json  # /code, and the admins' /codeloop-config (test_channel_settings.py)
+    assert command["name"] == "code" and command["type"] == 1 and config["name"] == "codeloop-config"
     assert [(o["name"], o["type"], o["required"]) for o in command["options"]] == [
         ("prompt", 3, True), ("file", 11, False)]
     assert command["contexts"] == [0]  # servers only: a thread cannot be made in a DM
     assert call.auth == f"Bot {fake_discord.token}"
-    assert capsys.readouterr().out.strip() == "registered /code in server 123"
+    assert capsys.readouterr().out.strip() == "registered /code, /codeloop-config in server 123"
 
 
 async def test_sync_without_guild_is_global(discord_settings, fake_discord, capsys):
