@@ -39,23 +39,32 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from bot.core.errors import QueueError
 from bot.core.jobs import Event
 from bot.core.settings import Settings
 from bot.queue.autopipe import AutoPipeline, LuaScript
-from bot.queue.replies import reply_stream
+from bot.queue.redis_conn import run_replicated
+from bot.queue.replies import ORPHAN_CHECK_S, ORPHAN_IDLE_S, reply_stream
 
 log = logging.getLogger(__name__)
 
 #: a finished job's state: later events of it (a re-run's duplicates) are dropped
 TOMBSTONE = b'{"done":1}'
 
-# KEYS: reply stream, jobs zset   ARGV: group, me, lease ms, now ms, count, key prefix, q ttl s
-# -> flat list job, owner for each routed event (an unreadable entry is dropped: job '')
+# KEYS: reply stream, jobs zset   ARGV: group, me, lease ms, now ms, count, key prefix, q ttl s, adopt ms
+# -> flat list job, owner for each routed event (an unreadable entry is dropped: job '').
+# adopt ms > 0: route entries pending that long instead of new ones (what a consumer of the plain
+# ReplyReader, e.g. a replica of the previous version, left behind when it died)
 _ROUTE = LuaScript("""
-local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[5], 'STREAMS', KEYS[1], '>')
+local entries = {}
+if tonumber(ARGV[8]) > 0 then
+  entries = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[8], '0-0', 'COUNT', ARGV[5])[2]
+else
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[5], 'STREAMS', KEYS[1], '>')
+  if r then entries = r[1][2] end
+end
 local out = {}
-if not r then return out end
-for _, e in ipairs(r[1][2]) do
+for _, e in ipairs(entries) do
   local f, raw = e[2], nil
   for i = 1, #f, 2 do if f[i] == 'event' then raw = f[i + 1] end end
   local job = raw and string.match(raw, '^{"job_id":"([^"]+)"')
@@ -227,15 +236,26 @@ class RenderLeases:
         await self._release(job, b"")
 
     async def _release(self, job: str, tombstone: bytes) -> None:
-        await self.scripts.run(_RELEASE, [self.lease_key(job), self.state_key(job), self.queue_key(job),
-                                          self.jobs_key],
-                               [self.replica, job, tombstone, self.settings.idempotency_ttl_s])
+        keys = [self.lease_key(job), self.state_key(job), self.queue_key(job), self.jobs_key]
+        args = [self.replica, job, tombstone, self.settings.idempotency_ttl_s]
+        if tombstone and self.settings.redis_min_replicas:
+            # On the replicas before we go on: a master that dies now cannot take the tombstone
+            # with it, so a re-run of the job is not shown again after a failover.
+            try:
+                await run_replicated(self.redis, self.settings, _RELEASE, keys, args, touch=keys[1],
+                                     ttl_s=self.settings.idempotency_ttl_s)
+                return
+            except QueueError as exc:  # it stands on the master alone
+                log.warning("render tombstone of %s: %s", job, exc)
+                return
+        await self.scripts.run(_RELEASE, keys, args)
 
-    async def route(self, count: int = 64) -> int:
-        """Move what arrived on the reply stream to its jobs' streams; returns entries routed."""
+    async def route(self, count: int = 64, adopt_idle_s: float = 0.0) -> int:
+        """Move what arrived on the reply stream to its jobs' streams; returns entries routed.
+        ``adopt_idle_s``: route instead what a plain reader left pending that long."""
         out = await self.scripts.run(_ROUTE, [self.stream, self.jobs_key],
                                      [self.group, self.replica, self.lease_ms, self._now_ms(), count,
-                                      self.prefix, self.settings.idempotency_ttl_s])
+                                      self.prefix, self.settings.idempotency_ttl_s, int(adopt_idle_s * 1000)])
         for i in range(0, len(out), 2):
             job, owner = _text(out[i]), _text(out[i + 1])
             if not job:
@@ -279,6 +299,7 @@ class LeasedReader:
         await leases.ensure_group()
         loop = asyncio.get_running_loop()
         next_tick = 0.0
+        next_adopt = loop.time() + ORPHAN_CHECK_S
         seen = "0-0"  # the reply stream: entries after this one are waiting to be routed
         route = True
         while not stop.is_set():
@@ -286,6 +307,9 @@ class LeasedReader:
                 if loop.time() >= next_tick:
                     next_tick = loop.time() + self.tick_s
                     await leases.tick()
+                if loop.time() >= next_adopt:
+                    next_adopt = loop.time() + ORPHAN_CHECK_S
+                    await leases.route(adopt_idle_s=ORPHAN_IDLE_S)
                 if route:
                     route = await leases.route(ROUTE_BATCH) >= ROUTE_BATCH  # more wait behind a full batch
                 streams: dict[Any, Any] = {leases.stream: seen}
