@@ -319,6 +319,12 @@ class LeasedReader:
                 log.warning("reply reader lost Redis (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                log.warning("the reply stream's group is gone (a Redis without its data); making it again")
+                await leases.ensure_group()
+                continue
             for key, entries in resp or []:
                 name = _text(key)
                 if name == leases.stream:

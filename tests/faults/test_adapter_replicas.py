@@ -16,6 +16,7 @@ import socket
 import statistics
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ class Rig:
     async def mention(self, http: aiohttp.ClientSession, i: int, replica: Replica) -> None:
         m = mention(f"<@UBOT> question {i}")
         self.mentions.append(m)
-        body = json.dumps(event_body(m, f"EvReplica{i}"))
+        body = json.dumps(event_body(m, f"EvReplica{i}{uuid.uuid4().hex[:8]}"))
         async with http.post(replica.url, data=body,
                              headers={"Content-Type": "application/json", **sign(body)}) as resp:
             assert resp.status == 200, await resp.text()
@@ -127,7 +128,8 @@ class Rig:
         """When the first Web API call touching one of ``threads`` was made after ``t``."""
         ts_in = {ts: m["thread_ts"] for (_, ts), m in self.fake.messages.items()}
         for call in self.fake.calls:
-            if call.at > t and (call.args.get("thread_ts") in threads or ts_in.get(str(call.args.get("ts"))) in threads):
+            thread = call.args.get("thread_ts") or ts_in.get(str(call.args.get("ts")))
+            if call.at > t and thread in threads:
                 return call.at
         return None
 
@@ -255,17 +257,17 @@ async def test_sigterm_hands_jobs_over_at_once_and_loses_no_reply(rig: Rig) -> N
     print(f"SIGTERM -> exit {t_exit - t_term:.2f} s, -> a job taken by the other replica {taken}")
 
 
-@pytest.mark.skipif(not os.environ.get("CODELOOP_MEASURE_TAKEOVER"), reason="set CODELOOP_MEASURE_TAKEOVER=N")
+@pytest.mark.skipif(not os.environ.get("REPLICAS_TAKEOVER_RUNS"), reason="set REPLICAS_TAKEOVER_RUNS=N")
 async def test_measure_takeover(make_settings: Any, text_worker: Any, model_server: Any,
                                 redis_client: aioredis.Redis, tmp_path: Path) -> None:
-    """``CODELOOP_MEASURE_TAKEOVER=5``: the kill -9 run N times; prints each takeover and the median."""
+    """``REPLICAS_TAKEOVER_RUNS=5``: the kill -9 run N times; prints each takeover and the median."""
     runs = []
     model_server.script = _answer
     model_server.chunk_delay_s = 0.08
     settings = make_settings(llm_url=model_server.url, worker_concurrency=16, worker_user_concurrency=16,
                              rate_user_per_min=0, rate_channel_per_min=0, user_pending_max=0)
     await text_worker(settings)
-    for n in range(int(os.environ["CODELOOP_MEASURE_TAKEOVER"])):
+    for n in range(int(os.environ["REPLICAS_TAKEOVER_RUNS"])):
         async with contextlib.AsyncExitStack() as stack:
             fake = await FakeSlackAPI().start()
             stack.push_async_callback(fake.close)
