@@ -6,7 +6,9 @@ reply stream is only a way in: a replica *routes* what arrives, in one Lua scrip
 group (``XREADGROUP`` inside the script, so routing is atomic and in stream order) and appends
 each event to its job's own stream, acking and deleting it from the reply stream:
 
-    render:lease:<job>   the replica rendering the job (SET NX PX, renewed every ``lease_s / 4``)
+    render:lease:<job>   the replica rendering the job and until when (Redis's clock), renewed every
+                         ``lease_s / 4``; an expired lease is anyone's, and still its holder's
+                         until someone takes it
     render:q:<job>       the job's events not yet rendered, in order (the owner deletes what it
                          has shown, together with the state that shows it)
     render:state:<job>   what rebuilds the job's messages (the renderer's JSON: message ids,
@@ -33,6 +35,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -51,36 +54,56 @@ log = logging.getLogger(__name__)
 #: a finished job's state: later events of it (a re-run's duplicates) are dropped
 TOMBSTONE = b'{"done":1}'
 
-# KEYS: reply stream, jobs zset   ARGV: group, me, lease ms, now ms, count, key prefix, q ttl s, adopt ms
+# Every script starts with this: a lease is "<expiry ms>|<replica>" by Redis's own clock, kept
+# (EX ttl) after it expires, so a replica whose lease ran out while nobody took it (a Redis outage
+# longer than the lease) still finds it its own and carries on; anyone may take an expired one.
+_LEASE = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function holder(key, now)
+  local v = redis.call('GET', key)
+  if not v then return nil, false end
+  local exp, who = string.match(v, '^(%d+)|(.*)$')
+  return who, tonumber(exp) > now
+end
+local function grant(key, zset, job, me, now, lease_ms, ttl)
+  redis.call('SET', key, (now + lease_ms) .. '|' .. me, 'EX', ttl)
+  redis.call('ZADD', zset, now + lease_ms, job)
+end
+"""
+
+# KEYS: reply stream, jobs zset   ARGV: group, me, lease ms, count, key prefix, ttl s, adopt ms
 # -> flat list job, owner for each routed event (an unreadable entry is dropped: job '').
 # adopt ms > 0: route entries pending that long instead of new ones (what a consumer of the plain
 # ReplyReader, e.g. a replica of the previous version, left behind when it died)
-_ROUTE = LuaScript("""
+_ROUTE = LuaScript(_LEASE + """
 local entries = {}
-if tonumber(ARGV[8]) > 0 then
-  entries = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[8], '0-0', 'COUNT', ARGV[5])[2]
+if tonumber(ARGV[7]) > 0 then
+  entries = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[7], '0-0', 'COUNT', ARGV[4])[2]
 else
-  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[5], 'STREAMS', KEYS[1], '>')
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[4], 'STREAMS', KEYS[1], '>')
   if r then entries = r[1][2] end
 end
+local now = now_ms()
 local out = {}
 for _, e in ipairs(entries) do
   local f, raw = e[2], nil
   for i = 1, #f, 2 do if f[i] == 'event' then raw = f[i + 1] end end
   local job = raw and string.match(raw, '^{"job_id":"([^"]+)"')
   if job then
-    local q = ARGV[6] .. 'q:' .. job
+    local q = ARGV[5] .. 'q:' .. job
     redis.call('XADD', q, '*', 'event', raw)
-    redis.call('EXPIRE', q, ARGV[7])
-    local lk = ARGV[6] .. 'lease:' .. job
-    local owner = redis.call('GET', lk)
-    if not owner then
-      owner = ARGV[2]
-      redis.call('SET', lk, owner, 'PX', ARGV[3])
-      redis.call('ZADD', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[3]), job)
+    redis.call('EXPIRE', q, ARGV[6])
+    local lk = ARGV[5] .. 'lease:' .. job
+    local who, live = holder(lk, now)
+    if who ~= ARGV[2] and not live then
+      who = ARGV[2]
+      grant(lk, KEYS[2], job, who, now, tonumber(ARGV[3]), ARGV[6])
     end
     out[#out + 1] = job
-    out[#out + 1] = owner
+    out[#out + 1] = who
   else
     out[#out + 1] = ''
     out[#out + 1] = ''
@@ -91,52 +114,57 @@ end
 return out
 """)
 
-# KEYS: jobs zset   ARGV: me, lease ms, now ms, key prefix, max taken, held jobs...
-# -> '+job' for each job taken over, '-job' for each held job whose lease is no longer ours
-_TICK = LuaScript("""
+# KEYS: jobs zset   ARGV: me, lease ms, key prefix, max taken, ttl s, held jobs...
+# -> '+job' for each job taken over, '-job' for each held job whose lease another replica has now
+_TICK = LuaScript(_LEASE + """
+local now = now_ms()
+local lease_ms = tonumber(ARGV[2])
 local out = {}
-local until_ms = tonumber(ARGV[3]) + tonumber(ARGV[2])
 for i = 6, #ARGV do
-  local lk = ARGV[4] .. 'lease:' .. ARGV[i]
-  if redis.call('GET', lk) == ARGV[1] then
-    redis.call('PEXPIRE', lk, ARGV[2])
-    redis.call('ZADD', KEYS[1], until_ms, ARGV[i])
+  local lk = ARGV[3] .. 'lease:' .. ARGV[i]
+  -- gone (nil) means released by another replica that had taken it: lost too
+  if holder(lk, now) == ARGV[1] then
+    grant(lk, KEYS[1], ARGV[i], ARGV[1], now, lease_ms, ARGV[5])
   else
     out[#out + 1] = '-' .. ARGV[i]
   end
 end
-local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3], 'LIMIT', 0, ARGV[5])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[4])
 for _, job in ipairs(gone) do
-  if redis.call('SET', ARGV[4] .. 'lease:' .. job, ARGV[1], 'NX', 'PX', ARGV[2]) then
-    redis.call('ZADD', KEYS[1], until_ms, job)
+  local lk = ARGV[3] .. 'lease:' .. job
+  local who, live = holder(lk, now)
+  if not live then
+    grant(lk, KEYS[1], job, ARGV[1], now, lease_ms, ARGV[5])
     out[#out + 1] = '+' .. job
   end
 end
 return out
 """)
 
-# KEYS: lease, jobs zset   ARGV: me, lease ms, now ms, job -> 1 when the lease is ours (taken or held)
-_OWN = LuaScript("""
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  redis.call('ZADD', KEYS[2], tonumber(ARGV[3]) + tonumber(ARGV[2]), ARGV[4])
+# KEYS: lease, jobs zset   ARGV: me, lease ms, job, ttl s -> 1 when the lease is ours (taken or held)
+_OWN = LuaScript(_LEASE + """
+local now = now_ms()
+local who, live = holder(KEYS[1], now)
+if who == ARGV[1] or not live then
+  grant(KEYS[1], KEYS[2], ARGV[3], ARGV[1], now, tonumber(ARGV[2]), ARGV[4])
   return 1
 end
-return redis.call('GET', KEYS[1]) == ARGV[1] and 1 or 0
+return 0
 """)
 
-# KEYS: lease, state, q   ARGV: me, state, state ttl s, entry ids... -> 1, or 0 when not ours any more
-_COMMIT = LuaScript("""
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+# KEYS: lease, state, q   ARGV: me, state, ttl s, entry ids... -> 1, or 0 when another replica has the job
+_COMMIT = LuaScript(_LEASE + """
+if holder(KEYS[1], now_ms()) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 if #ARGV > 3 then redis.call('XDEL', KEYS[3], unpack(ARGV, 4)) end
 return 1
 """)
 
-# KEYS: lease, state, q, jobs zset   ARGV: me, job, tombstone, state ttl s
+# KEYS: lease, state, q, jobs zset   ARGV: me, job, tombstone, ttl s
 # finished (tombstone given): the state becomes it, the job's stream goes; else (stepping down) the
 # job is listed as leaseless so a live replica takes it at its next tick
-_RELEASE = LuaScript("""
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+_RELEASE = LuaScript(_LEASE + """
+if holder(KEYS[1], now_ms()) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 if ARGV[3] ~= '' then
   redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
@@ -163,7 +191,8 @@ class RenderLeases:
         self.settings = settings
         self.stream = reply_stream(settings, adapter)
         self.group = adapter
-        self.replica = replica or f"{socket.gethostname()}-{os.getpid()}"
+        # the pid alone could repeat: a container restarted in the same pod has the same host name and pid
+        self.replica = replica or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.prefix = settings.key("render", adapter, "")
         self.jobs_key = settings.key("render", adapter, "jobs")
         self.lease_ms = int(settings.render_lease_s * 1000)
@@ -186,9 +215,6 @@ class RenderLeases:
     def state_key(self, job: str) -> str:
         return f"{self.prefix}state:{job}"
 
-    def _now_ms(self) -> int:
-        return int(time.time() * 1000)
-
     def _hold(self, job: str) -> None:
         self.held.setdefault(job, "0-0")
         self.active[job] = time.monotonic()
@@ -207,7 +233,7 @@ class RenderLeases:
     async def own(self, job: str) -> bool:
         """Take ``job``'s lease for this replica (True when it is ours: taken now, or already)."""
         ok = await self.scripts.run(_OWN, [self.lease_key(job), self.jobs_key],
-                                    [self.replica, self.lease_ms, self._now_ms(), job])
+                                    [self.replica, self.lease_ms, job, self.settings.idempotency_ttl_s])
         if ok:
             self._hold(job)
         return bool(ok)
@@ -254,8 +280,8 @@ class RenderLeases:
         """Move what arrived on the reply stream to its jobs' streams; returns entries routed.
         ``adopt_idle_s``: route instead what a plain reader left pending that long."""
         out = await self.scripts.run(_ROUTE, [self.stream, self.jobs_key],
-                                     [self.group, self.replica, self.lease_ms, self._now_ms(), count,
-                                      self.prefix, self.settings.idempotency_ttl_s, int(adopt_idle_s * 1000)])
+                                     [self.group, self.replica, self.lease_ms, count, self.prefix,
+                                      self.settings.idempotency_ttl_s, int(adopt_idle_s * 1000)])
         for i in range(0, len(out), 2):
             job, owner = _text(out[i]), _text(out[i + 1])
             if not job:
@@ -271,8 +297,8 @@ class RenderLeases:
             log.warning("job %s went quiet without a final event; letting its lease go", job)
             await self.step_down(job)
         out = await self.scripts.run(_TICK, [self.jobs_key],
-                                     [self.replica, self.lease_ms, self._now_ms(), self.prefix,
-                                      self.TAKE_PER_TICK, *self.held])
+                                     [self.replica, self.lease_ms, self.prefix, self.TAKE_PER_TICK,
+                                      self.settings.idempotency_ttl_s, *self.held])
         for item in map(_text, out):
             job = item[1:]
             if item.startswith("+"):

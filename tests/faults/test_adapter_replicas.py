@@ -55,9 +55,9 @@ class Replica:
         self.log = log
         self.url = f"http://127.0.0.1:{port}/slack/events"
 
-    @property
-    def replica_id(self) -> str:
-        return f"{socket.gethostname()}-{self.proc.pid}"
+    def holds(self, lease: bytes | None) -> bool:
+        """Whether a render lease's value ("<expiry ms>|<host>-<pid>-<random>") names this process."""
+        return bool(lease) and lease.decode().split("|", 1)[1].startswith(f"{socket.gethostname()}-{self.proc.pid}-")
 
     async def ready(self) -> None:
         deadline = time.monotonic() + WITHIN_S
@@ -102,10 +102,10 @@ class Rig:
                              headers={"Content-Type": "application/json", **sign(body)}) as resp:
             assert resp.status == 200, await resp.text()
 
-    async def owners(self) -> dict[str, str]:
-        """job id -> the replica holding its render lease"""
+    async def owners(self) -> dict[str, bytes]:
+        """job id -> its render lease"""
         prefix = self.settings.key("render", "slack", "lease", "")
-        return {k.decode()[len(prefix):]: (await self.redis.get(k) or b"").decode()
+        return {k.decode()[len(prefix):]: await self.redis.get(k) or b""
                 async for k in self.redis.scan_iter(match=prefix + "*")}
 
     async def thread_of(self, job: str) -> str:
@@ -178,7 +178,7 @@ async def _taken(rig: Rig, jobs: set[str], by: Replica) -> float | None:
     keys = [rig.settings.key("render", "slack", "lease", j) for j in jobs]
     while not all(rig.done(m) for m in rig.mentions):
         before = time.monotonic()
-        if by.replica_id.encode() in await rig.redis.mget(keys):
+        if any(by.holds(lease) for lease in await rig.redis.mget(keys)):
             return before
         await asyncio.sleep(0.005)
     return None
@@ -195,8 +195,8 @@ async def _mid_stream_victim(rig: Rig, http: aiohttp.ClientSession) -> tuple[Rep
 
     await rig.until("an answer streamed", streaming)
     owners = await rig.owners()
-    victim = max((a, b), key=lambda r: sum(1 for o in owners.values() if o == r.replica_id))
-    jobs = [j for j, o in owners.items() if o == victim.replica_id]
+    victim = max((a, b), key=lambda r: sum(1 for o in owners.values() if r.holds(o)))
+    jobs = [j for j, o in owners.items() if victim.holds(o)]
     if not owners:  # no render leases (the code before them): any replica, every thread
         return victim, set(), {m["ts"] for m in rig.mentions}
     assert jobs, owners
