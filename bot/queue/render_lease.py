@@ -160,18 +160,21 @@ if #ARGV > 3 then redis.call('XDEL', KEYS[3], unpack(ARGV, 4)) end
 return 1
 """)
 
-# KEYS: lease, state, q, jobs zset   ARGV: me, job, tombstone, ttl s
-# finished (tombstone given): the state becomes it, the job's stream goes; else (stepping down) the
-# job is listed as leaseless so a live replica takes it at its next tick
+# KEYS: lease, state, q, jobs zset   ARGV: me, job, how, ttl s
+# how: the tombstone (finished: the state becomes it, the job's stream goes); '' (stepping down:
+# listed as leaseless, so a live replica takes it at its next tick); '-' (let go: unlisted, and the
+# next event routed gives it to the router)
 _RELEASE = LuaScript(_LEASE + """
 if holder(KEYS[1], now_ms()) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
-if ARGV[3] ~= '' then
+if ARGV[3] == '' then
+  redis.call('ZADD', KEYS[4], 0, ARGV[2])
+elseif ARGV[3] == '-' then
+  redis.call('ZREM', KEYS[4], ARGV[2])
+else
   redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
   redis.call('DEL', KEYS[3])
   redis.call('ZREM', KEYS[4], ARGV[2])
-else
-  redis.call('ZADD', KEYS[4], 0, ARGV[2])
 end
 return 1
 """)
@@ -238,10 +241,6 @@ class RenderLeases:
             self._hold(job)
         return bool(ok)
 
-    async def state(self, job: str) -> bytes | None:
-        raw = await self.redis.get(self.state_key(job))
-        return raw.encode() if isinstance(raw, str) else raw
-
     async def commit(self, job: str, entries: list[str], state: bytes | str) -> bool:
         """Store ``state`` and delete the ``entries`` it shows from the job's stream, if the job is
         still ours; False when it is not (the caller stops rendering it)."""
@@ -264,7 +263,7 @@ class RenderLeases:
     async def _release(self, job: str, tombstone: bytes) -> None:
         keys = [self.lease_key(job), self.state_key(job), self.queue_key(job), self.jobs_key]
         args = [self.replica, job, tombstone, self.settings.idempotency_ttl_s]
-        if tombstone and self.settings.redis_min_replicas:
+        if tombstone == TOMBSTONE and self.settings.redis_min_replicas:
             # On the replicas before we go on: a master that dies now cannot take the tombstone
             # with it, so a re-run of the job is not shown again after a failover.
             try:
@@ -295,7 +294,8 @@ class RenderLeases:
         now = time.monotonic()
         for job in [j for j, t in self.active.items() if now - t > self.idle_s]:
             log.warning("job %s went quiet without a final event; letting its lease go", job)
-            await self.step_down(job)
+            self._drop(job)
+            await self._release(job, b"-")
         out = await self.scripts.run(_TICK, [self.jobs_key],
                                      [self.replica, self.lease_ms, self.prefix, self.TAKE_PER_TICK,
                                       self.settings.idempotency_ttl_s, *self.held])

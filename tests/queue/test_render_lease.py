@@ -140,3 +140,32 @@ async def test_entries_a_plain_reader_left_pending_are_adopted(redis_client: aio
     assert await leases.route(adopt_idle_s=0.005) == 1
     assert "j" in leases.held and await redis_client.xlen(leases.queue_key("j")) == 1
     assert await redis_client.xlen(stream) == 0
+
+
+async def test_a_replica_stepping_down_hands_its_job_over_at_the_next_tick(redis_client: aioredis.Redis,
+                                                                          make_settings: Any) -> None:
+    settings = make_settings()  # a 4 s lease: the handover must not wait for it
+    a = RenderLeases(redis_client, settings, "t", replica="a")
+    b = RenderLeases(redis_client, settings, "t", replica="b")
+    assert await a.own("j") and not await b.own("j")
+    await a.step_down("j")
+    await b.tick()
+    assert "j" in b.held and "j" not in a.held
+    assert not await a.commit("j", [], "{}")
+
+
+async def test_a_job_quiet_past_idle_is_let_go_and_goes_to_whoever_routes_its_next_event(
+        redis_client: aioredis.Redis, make_settings: Any) -> None:
+    settings = make_settings()
+    stream = reply_stream(settings, "t")
+    a = RenderLeases(redis_client, settings, "t", replica="a")
+    b = RenderLeases(redis_client, settings, "t", replica="b")
+    await a.ensure_group()
+    assert await a.own("j")
+    a.idle_s = 0.0
+    await asyncio.sleep(0.01)
+    await a.tick()
+    assert "j" not in a.held and not await redis_client.exists(a.lease_key("j"))
+    assert await redis_client.zscore(a.jobs_key, "j") is None  # nobody takes it at a tick
+    await publish(redis_client, stream, [event("j", 1)])
+    assert await b.route() == 1 and "j" in b.held
