@@ -77,6 +77,10 @@ class _Lost(Exception):
     """The job's lease is another replica's now (this one stalled past it): stop rendering it."""
 
 
+#: leased: 0.2 s waits at a job's end for a status message another replica is posting
+STATUS_WAIT_TRIES = 10
+
+
 #: put in a view's inbox on SIGTERM: flush, commit and hand the job to another replica
 _STEP_DOWN = object()
 Item = Job | Event | tuple[Event, str] | object
@@ -350,6 +354,13 @@ class SlackRenderer:
 
     async def _finish(self, view: View, event: Event) -> None:
         p = event.payload
+        for _ in range(STATUS_WAIT_TRIES if self.leases is not None and view.status_ts is None else 0):
+            # Another replica took the mention and is posting the status message: a job quicker than
+            # that post must still end it with the final line, not leave "Working on it…" behind.
+            await asyncio.sleep(0.2)
+            if (status := await self._stored_status(view.job_id)) is not None:
+                view.status_ts = status
+                break
         if event.type == "error":
             line, reaction = f":x: {escape(str(p.get('message') or 'Failed.'))}", "x"
         elif p.get("cancelled"):
