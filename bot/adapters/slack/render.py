@@ -211,9 +211,10 @@ class SlackRenderer:
                 assert isinstance(event, Event)
                 if entry is not None:
                     view.applied.append(entry)
-                    if not event.terminal and event.seq <= view.seq:
-                        continue  # shown already (by an earlier owner), or a re-run's duplicate
-                    view.seq = max(view.seq, event.seq) if not event.terminal else view.seq
+                    if not event.terminal:
+                        if event.seq <= view.seq:
+                            continue  # shown already (by an earlier owner), or a re-run's duplicate
+                        view.seq = event.seq
                 if await self._apply(view, event):
                     return
         except _Lost:
