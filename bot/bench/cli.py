@@ -14,6 +14,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "runner": ("bot.bench.runner", "sandbox cell round trip, pool acquire, HumanEval canonical solutions"),
     "generate": ("bot.bench.generate", "in-process transformers backend: TTFT, tokens/s, batching"),
     "ack": ("bot.bench.ack", "Slack adapter: p99 ack time under 100 concurrent signed events"),
+    "replies": ("bot.bench.replies", "adapter reply path: events/s and round trips, one reader vs render leases"),
 }
 
 

@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     redis_sentinel_tls_ca: str | None = Field(None, description="CA file for TLS to the sentinels")
     redis_min_replicas: int = Field(0, ge=0, le=16, description="replicas an enqueue must reach before its ack")
     redis_replica_wait_ms: int = Field(1000, ge=10, description="how long an enqueue waits for those replicas")
+    render_lease_s: float = Field(4.0, ge=1.0, le=60.0, description="adapter replicas: a dead replica's "
+                                  "jobs are taken over (same messages) after this; renewed every quarter of it")
     stream_maxlen: int = Field(100_000, ge=1000, description="approximate cap on entries kept in a reply stream")
     turn_wait_s: float = Field(600.0, gt=0, description="a job whose predecessor in its thread neither runs "
                                "nor finishes for this long skips it (dead-lettered with the reason)")

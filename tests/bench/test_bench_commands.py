@@ -34,3 +34,12 @@ def test_bench_ack_acks_every_event_once() -> None:
                                                  "--gap-s", "0.1")}
     assert figures["jobs"]["ok"] is True and figures["jobs"]["jobs"] == 5  # the retries made no extra jobs
     assert figures["ack_ms"]["deliveries"] == 10 and figures["floor_ms"]["deliveries"] == 5
+
+
+def test_bench_replies_reads_every_event_each_way() -> None:
+    figures = run_bench("replies", "--jobs", "10", "--events", "5", "--redis-url", REDIS_URL)
+    names = [(f["name"], f.get("replicas")) for f in figures]
+    assert names == [("plain_events_per_s", 1), ("plain_round_trips_per_event", 1),
+                     ("leased_events_per_s", 1), ("leased_round_trips_per_event", 1),
+                     ("leased_events_per_s", 2), ("leased_round_trips_per_event", 2)]
+    assert all(float(f["value"]) > 0 for f in figures)  # type: ignore[arg-type]

@@ -274,3 +274,13 @@ def test_one_wildcard_certificate_verifies_every_engine_replica(tmp_path: Path) 
                     client_ctx.wrap_socket(raw, server_hostname=name)
     thread.join(30)
     listener.close()
+
+
+def test_slack_replicas_roll_one_at_a_time_with_time_to_hand_their_jobs_over() -> None:
+    """A replica stopped by a rollout drains (bot/adapters/slack/cli.py: its render jobs go to the
+    others; tests/faults/test_adapter_replicas.py proves it loses no reply) within its grace period,
+    and the rollout never takes the last running replica first."""
+    [slack] = [d for d in documents() if d["kind"] == "Deployment" and d["metadata"]["name"] == "codeloop-slack"]
+    assert slack["spec"]["strategy"] == {"type": "RollingUpdate",
+                                         "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    assert pod_specs()["codeloop-slack"]["terminationGracePeriodSeconds"] >= 30

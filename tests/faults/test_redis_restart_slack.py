@@ -19,6 +19,7 @@ from aiohttp import web
 from bot.adapters.slack.app import EVENTS_PATH, SlackAdapter
 from bot.core.jobs import Event
 from bot.queue import redis_conn
+from bot.queue.render_lease import LeasedReader, RenderLeases
 from bot.queue.replies import ReplyReader
 from tests.adapters.slack.conftest import CHANNEL, SECRET, event_body, fake_slack, mention, sign  # noqa: F401
 from tests.fakes.slack_api import FakeSlackAPI
@@ -35,10 +36,13 @@ def _echo(messages: list[dict[str, Any]]) -> str:
 
 # 1 s: the adapter's reconnect-and-retry absorbs it inside Slack's 3 s; 4 s: acks time out and
 # "Slack" redelivers while the first deliveries are still retrying — both must make one job.
+# leased: the reply path `codeloop slack` runs (render leases, bot/queue/render_lease.py)
+@pytest.mark.parametrize("leased", [False, True], ids=["reader", "leased"])
 @pytest.mark.parametrize("down_s", [1.0, 4.0])
 async def test_redis_restart_under_slack_traffic_loses_and_doubles_nothing(
         redis_server: RedisServer, text_worker: Any, model_server: Any, make_settings: Any,
-        fake_slack: FakeSlackAPI, caplog: pytest.LogCaptureFixture, down_s: float) -> None:  # noqa: F811
+        fake_slack: FakeSlackAPI, caplog: pytest.LogCaptureFixture, down_s: float,  # noqa: F811
+        leased: bool) -> None:
     caplog.set_level(logging.INFO)
     model_server.script = _echo
     settings = make_settings(redis_url=redis_server.url, llm_url=model_server.url, worker_concurrency=16,
@@ -50,7 +54,8 @@ async def test_redis_restart_under_slack_traffic_loses_and_doubles_nothing(
 
     # the adapter as `codeloop slack --mode http` runs it: bolt's HTTP app + the reply renderer
     redis = redis_conn.connect(settings, max_connections=64)
-    adapter = SlackAdapter(settings, redis, edit_interval=0.2)
+    leases = RenderLeases(redis, settings, "slack") if leased else None
+    adapter = SlackAdapter(settings, redis, edit_interval=0.2, leases=leases)
     runner = web.AppRunner(adapter.web_app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -65,7 +70,15 @@ async def test_redis_restart_under_slack_traffic_loses_and_doubles_nothing(
             finals_rendered[event.job_id] += 1
         await adapter.renderer.handle(event)
 
-    reading = asyncio.create_task(reader.run(render, stop_reading, block_ms=200))
+    async def deliver(event: Event, entry: str) -> None:
+        if event.terminal:
+            finals_rendered[event.job_id] += 1
+        await adapter.renderer.deliver(event, entry)
+
+    if leases is not None:
+        reading = asyncio.create_task(LeasedReader(leases, block_ms=200).run(deliver, stop_reading))
+    else:
+        reading = asyncio.create_task(reader.run(render, stop_reading, block_ms=200))
 
     mentions = [mention(f"<@UBOT> question {i}") for i in range(MENTIONS)]
     deliveries: collections.Counter[str] = collections.Counter()  # event id -> requests sent

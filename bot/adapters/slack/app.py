@@ -42,6 +42,7 @@ from bot.core.jobs import Job
 from bot.core.settings import Settings
 from bot.queue.channel_config import CHANNEL_DISABLED, ChannelConfigs
 from bot.queue.redis_conn import claim_once
+from bot.queue.render_lease import RenderLeases
 from bot.queue.replies import reply_stream
 from bot.queue.stream import EnqueueResult, JobQueue
 
@@ -69,7 +70,7 @@ def make_client(settings: Settings, session: aiohttp.ClientSession | None = None
 
 class SlackAdapter:
     def __init__(self, settings: Settings, redis: aioredis.Redis[Any], client: AsyncWebClient | None = None,
-                 *, edit_interval: float = 1.0) -> None:
+                 *, edit_interval: float = 1.0, leases: RenderLeases | None = None) -> None:
         self.settings = settings
         self.redis = redis
         #: the Web API's connections, kept alive across calls (ours to close when we made it)
@@ -82,7 +83,7 @@ class SlackAdapter:
         self.reply_stream = reply_stream(settings, "slack")
         self.ownership = Ownership(redis, settings)
         self.renderer = SlackRenderer(self.client, redis, settings, edit_interval=edit_interval,
-                                      ownership=self.ownership)
+                                      ownership=self.ownership, leases=leases)
         self.controls = SlackControls(settings, self.client, self.ownership, self.reply_stream, self._submit,
                                       self._tell)
         self.channels = ChannelConfigs(redis, settings)

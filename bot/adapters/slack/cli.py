@@ -1,6 +1,9 @@
 """``codeloop slack``: run the Slack bot in Socket Mode (default) or as an HTTP Events API endpoint.
 
-Both modes also render replies: a ReplyReader on the ``slack`` reply stream feeds the renderer.
+Both modes also render replies: a LeasedReader on the ``slack`` reply stream feeds the renderer, so
+several replicas can share a workspace (``bot.queue.render_lease``): each job is rendered by one of
+them, and taken over by another, same messages, when it dies. SIGTERM stops taking events, lets
+each job flush and commit what it was handed, hands the jobs over, then exits.
 With ``CODELOOP_METRICS_PORT`` set it serves /metrics and health (bot/ops/metrics_server.py): Redis
 answers, and the Socket Mode connection is up (HTTP mode: the events listener is serving).
 """
@@ -20,7 +23,7 @@ from bot.core.errors import ConfigError
 from bot.core.settings import Settings
 from bot.ops import metrics_server
 from bot.queue import redis_conn
-from bot.queue.replies import ReplyReader
+from bot.queue.render_lease import LeasedReader, RenderLeases
 
 log = logging.getLogger("codeloop.slack")
 SLACK_POOL_SIZE = 64  # Redis connections; each event's listener holds one for its enqueue
@@ -71,11 +74,11 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     await redis_conn.check(redis, settings)  # one clear line at start, not 30 s of reconnect retries
     # Open connections now: making one costs ~1 ms of CPU, which would land on the first burst's acks.
     await asyncio.gather(*(redis.ping() for _ in range(16)))
-    adapter = SlackAdapter(settings, redis)
+    leases = RenderLeases(redis, settings, "slack")
+    adapter = SlackAdapter(settings, redis, leases=leases)
     ping, close_ping = metrics_server.redis_check(settings)
     metrics_server.PROBE.watch({"redis": ping, "slack": _connecting}, live=("slack",))  # the mode replaces it
-    reader = ReplyReader(redis, settings, "slack")
-    rendering = asyncio.create_task(reader.run(adapter.renderer.handle, stop), name="slack-replies")
+    rendering = asyncio.create_task(LeasedReader(leases).run(adapter.renderer.deliver, stop), name="slack-replies")
     try:
         await _who_am_i(adapter)
         if settings.slack_mode == "socket":
@@ -86,6 +89,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         metrics_server.PROBE.stop()
         stop.set()
         await rendering
+        await adapter.renderer.drain()  # what this replica holds goes to another one now, not at expiry
         await adapter.close()
         await close_ping()
         await redis.aclose()

@@ -9,11 +9,17 @@ upload and at the end.
 Each job shows: a status message (posted right after enqueue, with a Stop button; it ends as the
 final status line), the streamed reply below it, uploads in between, and a reaction on the
 user's message (white_check_mark / x).
+
+With several adapter replicas (``bot.queue.render_lease``) a job is rendered by the replica holding
+its lease. After each flush the view's state (message ids, transcript, last seq shown) is committed
+to Redis with the events it shows, so a replica that takes the job over (its owner died, or
+stepped down on SIGTERM) edits the same status message and the same reply messages.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,6 +36,7 @@ from bot.adapters.slack.transcript import Attach, Transcript, escape
 from bot.core.jobs import Conversation, Event, Job
 from bot.core.settings import Settings
 from bot.queue.blobs import BlobStore, missing_note
+from bot.queue.render_lease import TOMBSTONE, RenderLeases
 
 log = logging.getLogger(__name__)
 SLACK_ERRORS = (SlackApiError, SlackRequestError, ClientError, asyncio.TimeoutError)
@@ -43,12 +50,40 @@ class View:
     #: who asked (the Stop button names them, so a press by anyone else can be refused)
     user: str
     transcript: Transcript = field(default_factory=Transcript)
-    inbox: asyncio.Queue[Job | Event] = field(default_factory=asyncio.Queue)
+    inbox: asyncio.Queue[Item] = field(default_factory=asyncio.Queue)
     status_ts: str | None = None
     status_shown: str = ""
     dirty: bool = False
     last_flush: float = 0.0
     task: asyncio.Task[None] | None = None
+    #: leased rendering: the highest seq shown, and the job-stream entries applied since the last commit
+    seq: int = 0
+    applied: list[str] = field(default_factory=list)
+
+    def dump(self) -> str:
+        return json.dumps({"seq": self.seq, "status_ts": self.status_ts, "status_shown": self.status_shown,
+                           "transcript": self.transcript.dump()})
+
+    def restore(self, raw: bytes | str) -> None:
+        data = json.loads(raw)
+        self.seq = int(data.get("seq") or 0)
+        self.status_ts = data.get("status_ts") or self.status_ts
+        self.status_shown = str(data.get("status_shown") or "")
+        self.transcript = Transcript.load(data.get("transcript") or {})
+        self.dirty = True  # text applied before the last owner could show it goes out at the next flush
+
+
+class _Lost(Exception):
+    """The job's lease is another replica's now (this one stalled past it): stop rendering it."""
+
+
+#: leased: 0.2 s waits at a job's end for a status message another replica is posting
+STATUS_WAIT_TRIES = 10
+
+
+#: put in a view's inbox on SIGTERM: flush, commit and hand the job to another replica
+_STEP_DOWN = object()
+Item = Job | Event | tuple[Event, str] | object
 
 
 def status_blocks(text: str, view: View | None) -> list[dict[str, Any]]:
@@ -65,7 +100,7 @@ def status_blocks(text: str, view: View | None) -> list[dict[str, Any]]:
 class SlackRenderer:
     def __init__(self, client: AsyncWebClient, redis: aioredis.Redis[Any], settings: Settings, *,
                  edit_interval: float = 1.0, idle_timeout: float = 3600.0, api_concurrency: int = 8,
-                 ownership: Ownership | None = None) -> None:
+                 ownership: Ownership | None = None, leases: RenderLeases | None = None) -> None:
         self.client = client
         self.redis = redis
         self.settings = settings
@@ -78,6 +113,10 @@ class SlackRenderer:
         # Slack would rate-limit a burst anyway; a few calls in flight keep a burst of renders from
         # crowding out the acks that share this event loop.
         self._in_flight = asyncio.Semaphore(api_concurrency)
+        #: several replicas: jobs are rendered under a lease, their state committed to Redis
+        self.leases = leases
+        if leases is not None:
+            leases.on_lost = self._lost
 
     # --- entry points -----------------------------------------------------------------------------
     def start_job(self, job: Job, where: Where) -> None:
@@ -89,6 +128,32 @@ class SlackRenderer:
         view = self._view(event.job_id, where_from_meta(event.meta, event.conversation), event.conversation,
                           str(event.meta.get("user") or ""))
         view.inbox.put_nowait(event)
+
+    async def deliver(self, event: Event, entry_id: str) -> None:
+        """LeasedReader handler: an event of a job this replica holds, and its entry in the job's stream."""
+        view = self._view(event.job_id, where_from_meta(event.meta, event.conversation), event.conversation,
+                          str(event.meta.get("user") or ""))
+        view.inbox.put_nowait((event, entry_id))
+
+    async def drain(self, timeout: float = 20.0) -> None:
+        """On SIGTERM, after the reader stopped: each job applies what it was handed, flushes,
+        commits and steps down, so another replica carries it on at once."""
+        if self.leases is None:
+            return
+        leases = self.leases
+        for view in list(self.views.values()):
+            view.inbox.put_nowait(_STEP_DOWN)
+        tasks = [v.task for v in self.views.values() if v.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        for job in list(leases.held):  # held, but none of its events came yet
+            if job not in self.views:
+                await leases.step_down(job)
+
+    def _lost(self, job_id: str) -> None:
+        view = self.views.get(job_id)
+        if view is not None and view.task is not None:
+            view.task.cancel()
 
     async def notify(self, where: Where, user: str, texts: list[str], *, markup: bool = False) -> None:
         """Tell ``user`` only (chat.postEphemeral). Texts are plain and escaped here, so a file
@@ -128,18 +193,73 @@ class SlackRenderer:
                     await self._flush(view)
                     continue
                 if isinstance(item, Job):
-                    await self._post_status(view)
+                    owned = self.leases is None or await self.leases.own(view.job_id)
+                    if view.status_ts is None:
+                        await self._post_status(view)
+                    if not owned:
+                        return  # another replica renders this job; it finds the status message
                     started = True
                     continue
+                if item is _STEP_DOWN:
+                    await self._step_down(view)
+                    return
                 if not started:
                     started = True
-                    view.status_ts = await self._stored_status(view.job_id)
-                if await self._apply(view, item):
+                    if not await self._restore(view):
+                        return
+                event, entry = item if isinstance(item, tuple) else (item, None)
+                assert isinstance(event, Event)
+                if entry is not None:
+                    view.applied.append(entry)
+                    if not event.terminal:
+                        if event.seq <= view.seq:
+                            continue  # shown already (by an earlier owner), or a re-run's duplicate
+                        view.seq = event.seq
+                if await self._apply(view, event):
                     return
+        except _Lost:
+            log.warning("job %s is rendered by another replica now; this one stops", view.job_id)
+        except asyncio.CancelledError:
+            if self.leases is not None and view.job_id not in self.leases.held:
+                return  # our lease went to another replica (told by its tick): stop quietly
+            raise
         except Exception:
             log.exception("rendering job %s failed", view.job_id)
         finally:
             self.views.pop(view.job_id, None)
+
+    async def _restore(self, view: View) -> bool:
+        """The job's first event here: its state from Redis (leased), or at least its status message.
+        False when the job is over already (its tombstone): the rest is dropped."""
+        if self.leases is None:
+            view.status_ts = await self._stored_status(view.job_id)
+            return True
+        state, status = await self.redis.mget(self.leases.state_key(view.job_id), self._status_key(view.job_id))
+        if state == TOMBSTONE:
+            await self.leases.finish(view.job_id)
+            return False
+        if state:
+            view.restore(state)
+        if view.status_ts is None and status:
+            view.status_ts = status.decode() if isinstance(status, bytes) else str(status)
+        return True
+
+    async def _commit(self, view: View) -> bool:
+        """Leased: store what the job's messages show now, with the entries that made it."""
+        if self.leases is None:
+            return True
+        applied, view.applied = view.applied, []
+        if await self.leases.commit(view.job_id, applied, view.dump()):
+            return True
+        raise _Lost(view.job_id)
+
+    async def _step_down(self, view: View) -> None:
+        assert self.leases is not None
+        if view.dirty:
+            await self._flush(view)
+        elif view.applied:
+            await self._commit(view)
+        await self.leases.step_down(view.job_id)
 
     async def _apply(self, view: View, event: Event) -> bool:
         """Fold one event in; True when the job is over."""
@@ -149,8 +269,9 @@ class SlackRenderer:
             await self._flush(view)
             await self._upload(view, attach)
             view.transcript.seal()
+            await self._commit(view)  # a takeover must not upload it again
         if event.terminal:
-            await self._flush(view)
+            await self._flush(view, commit=False)
             await self._finish(view, event)
             return True
         if time.monotonic() - view.last_flush >= self.edit_interval:
@@ -187,7 +308,10 @@ class SlackRenderer:
     def _status_key(self, job_id: str) -> str:
         return self.settings.key("slack", "status", job_id)
 
-    async def _flush(self, view: View) -> None:
+    async def _flush(self, view: View, commit: bool = True) -> None:
+        if view.status_ts is None and self.leases is not None:
+            # the replica that took the mention posts the status message; it may be posting now
+            view.status_ts = await self._stored_status(view.job_id)
         view.dirty = False
         view.last_flush = time.monotonic()
         channel, thread = view.where.channel, view.where.thread_ts
@@ -213,6 +337,8 @@ class SlackRenderer:
             if await self._call("chat_update", channel=channel, ts=view.status_ts, text=text,
                                 blocks=status_blocks(text, view)):
                 view.status_shown = status
+        if commit:
+            await self._commit(view)
 
     async def _upload(self, view: View, attach: Attach) -> None:
         data = attach.data
@@ -229,6 +355,13 @@ class SlackRenderer:
 
     async def _finish(self, view: View, event: Event) -> None:
         p = event.payload
+        for _ in range(STATUS_WAIT_TRIES if self.leases is not None and view.status_ts is None else 0):
+            # Another replica took the mention and is posting the status message: a job quicker than
+            # that post must still end it with the final line, not leave "Working on it…" behind.
+            await asyncio.sleep(0.2)
+            if (status := await self._stored_status(view.job_id)) is not None:
+                view.status_ts = status
+                break
         if event.type == "error":
             line, reaction = f":x: {escape(str(p.get('message') or 'Failed.'))}", "x"
         elif p.get("cancelled"):
@@ -249,3 +382,5 @@ class SlackRenderer:
             await self._call("reactions_add", channel=view.where.channel, timestamp=view.where.message_ts,
                              name=reaction)
         await self.ownership.ended(view.conversation, view.job_id)
+        if self.leases is not None:
+            await self.leases.finish(view.job_id)

@@ -64,6 +64,22 @@ class Transcript:
         self.sections: list[Section] = [Section()]
         self.status = ""
 
+    def dump(self) -> dict[str, Any]:
+        """What rebuilds this transcript (``load``): another adapter replica may carry the job on."""
+        return {"status": self.status,
+                "sections": [{"parts": [[p.kind, p.text, p.round] for p in s.parts],
+                              "sent": [[ts, text] for ts, text in s.sent]} for s in self.sections]}
+
+    @classmethod
+    def load(cls, data: dict[str, Any]) -> Transcript:
+        transcript = cls()
+        transcript.status = str(data.get("status") or "")
+        sections = [Section([Part(str(k), str(t), int(r)) for k, t, r in s.get("parts", [])],
+                            [(str(ts), str(text)) for ts, text in s.get("sent", [])])
+                    for s in data.get("sections", [])]
+        transcript.sections = sections or [Section()]
+        return transcript
+
     @property
     def current(self) -> Section:
         return self.sections[-1]
