@@ -25,6 +25,7 @@ from bot.core.errors import ConfigError, QueueError
 from bot.core.jobs import Conversation, Event, Job
 from bot.core.settings import Settings
 from bot.queue import redis_conn
+from bot.queue.render_lease import LeasedReader, RenderLeases
 from bot.queue.replies import ReplyReader
 from bot.queue.stream import JobQueue
 
@@ -162,10 +163,13 @@ def _containers(key_prefix: str) -> set[str]:
         client.close()
 
 
-@pytest.mark.parametrize("how", ["kill -9", "SHUTDOWN NOSAVE"])
+@pytest.mark.parametrize("how,reader_kind", [("kill -9", "group"), ("SHUTDOWN NOSAVE", "group"),
+                                             ("kill -9", "leased")])
 async def test_master_lost_mid_stream_every_job_finishes_once_and_threads_keep_their_sandbox(
-        how: str, cluster: SentinelCluster, start_worker: Any, model_server: Any, make_settings: Any,
-        key_prefix: str) -> None:
+        how: str, reader_kind: str, cluster: SentinelCluster, start_worker: Any, model_server: Any,
+        make_settings: Any, key_prefix: str) -> None:
+    """``group``: the plain reply reader (Discord, the console); ``leased``: the render-lease path
+    Slack replicas use (bot/queue/render_lease.py), committing each event as a renderer does."""
     model_server.script = _model
     overrides = _sentinel_settings(cluster, worker_concurrency=8, claim_idle_s=2.0, rate_user_per_min=0,
                                    rate_channel_per_min=0, worker_user_concurrency=8, redis_min_replicas=1)
@@ -173,20 +177,35 @@ async def test_master_lost_mid_stream_every_job_finishes_once_and_threads_keep_t
     await start_worker(**overrides)
     producer = redis_conn.connect(settings)
     queue = JobQueue(producer, settings)
-    reader = ReplyReader(redis_conn.connect(settings), settings, "t")
+    reader_redis = redis_conn.connect(settings)
     rendered: list[Event] = []
-
-    async def render(event: Event) -> None:
-        rendered.append(event)
-
     stop_reading = asyncio.Event()
-    reading = asyncio.create_task(reader.run(render, stop_reading, block_ms=200))
+    if reader_kind == "group":
+        reader = ReplyReader(reader_redis, settings, "t")
+        stream = reader.stream
+
+        async def render(event: Event) -> None:
+            rendered.append(event)
+
+        reading = asyncio.create_task(reader.run(render, stop_reading, block_ms=200))
+    else:
+        leases = RenderLeases(reader_redis, settings, "t")
+        stream = leases.stream
+
+        async def deliver(event: Event, entry: str) -> None:
+            rendered.append(event)
+            if event.terminal:
+                await leases.finish(event.job_id)
+            else:
+                await leases.commit(event.job_id, [entry], f'{{"seq":{event.seq}}}')
+
+        reading = asyncio.create_task(LeasedReader(leases, block_ms=200).run(deliver, stop_reading))
     job_ids: dict[str, str] = {}  # idempotency key -> job id
     texts: dict[str, str] = {}  # job id -> the final text it must end with (None: checked apart)
     producer_retries = 0
 
     def job(key: str, thread: str, text: str) -> Job:
-        return Job(idempotency_key=key, user=f"u{thread}", text=text, reply_stream=reader.stream,
+        return Job(idempotency_key=key, user=f"u{thread}", text=text, reply_stream=stream,
                    conversation=Conversation(platform="test", channel="c", thread=thread))
 
     async def enqueue(item: Job) -> str:
@@ -248,14 +267,15 @@ async def test_master_lost_mid_stream_every_job_finishes_once_and_threads_keep_t
     stop_reading.set()
     await reading
 
-    raw = [Event.loads(f[b"event"]) for _, f in await producer.xrange(reader.stream)]
+    raw = [Event.loads(f[b"event"]) for _, f in await producer.xrange(stream)]
     raw_finals = collections.Counter(e.job_id for e in raw if e.terminal)
     shown_finals = collections.Counter(e.job_id for e in rendered if e.terminal)
     ids = set(job_ids.values())
     lost = ids - set(shown_finals)
     doubled = [j for j, n in shown_finals.items() if n > 1]  # shown twice to the user
     published_twice = [j for j, n in raw_finals.items() if n > 1]  # on the new master's stream
-    print(f"\nsentinel failover ({how}): replica promoted {promoted_s:.2f}s after the master went, finals "
+    print(f"\nsentinel failover ({how}, {reader_kind} reader): replica promoted {promoted_s:.2f}s after the "
+          f"master went, finals "
           f"flowing again after {flowing_s:.2f}s; jobs {len(ids)}: finished {len(shown_finals)}, lost "
           f"{len(lost)}, doubled {len(doubled)} (published twice {len(published_twice)}); producer-level "
           f"retries {producer_retries}")
@@ -271,7 +291,7 @@ async def test_master_lost_mid_stream_every_job_finishes_once_and_threads_keep_t
     assert (await queue.depth())["pending"] == 0
     assert await producer.xlen(settings.key("dead")) == 0
     await producer.aclose()
-    await reader.redis.aclose()
+    await reader_redis.aclose()
 
 
 async def test_min_replicas_puts_an_enqueue_on_a_replica_before_it_returns(
