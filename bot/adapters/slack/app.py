@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler,
@@ -25,6 +26,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.adapters.ownership import Ownership
+from bot.adapters.slack.acks import AckFirst
 from bot.adapters.slack.context import thread_context
 from bot.adapters.slack.controls import SlackControls
 from bot.adapters.slack.inbound import (
@@ -79,8 +81,10 @@ class SlackAdapter:
         self.queue = JobQueue(redis, settings)
         self.reply_stream = reply_stream(settings, "slack")
         self.ownership = Ownership(redis, settings)
+        #: post-ack work (Slack calls, records) lets the acks of a burst go first
+        self.acks = AckFirst()
         self.renderer = SlackRenderer(self.client, redis, settings, edit_interval=edit_interval,
-                                      ownership=self.ownership)
+                                      ownership=self.ownership, before_call=self.acks.quiet)
         self.controls = SlackControls(settings, self.client, self.ownership, self.reply_stream, self._submit,
                                       self._tell)
         secret = settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else None
@@ -98,6 +102,7 @@ class SlackAdapter:
         self.app.shortcut(RESET_SHORTCUT)(self.on_reset)
         self.app.shortcut(EXPORT_SHORTCUT)(self.on_export)
         self._background: set[asyncio.Task[Any]] = set()
+        self._records: list[tuple[Job, str | None]] = []
 
     # --- listeners (all return within a Redis round trip or two) ----------------------------------
     async def on_event(self, body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext) -> None:
@@ -132,7 +137,7 @@ class SlackAdapter:
             if inbound.where.thread_ts is not None and not is_dm(event):
                 thread = self._thread_key(team, inbound.where.channel, inbound.where.thread_ts)
             # After the ack (a person takes seconds to reply; the ack path stays one round trip)
-            self.spawn(self._record(job, thread))
+            self._record_soon(job, thread)
             self.renderer.start_job(job, inbound.where)
         await self._notices(inbound, event_id, result)
 
@@ -147,13 +152,21 @@ class SlackAdapter:
                                     max_chars=self.settings.thread_context_chars)
         return job.model_copy(update={"context": text}) if text else job
 
-    async def _record(self, job: Job, thread_key: str | None) -> None:
-        """One round trip: follow-ups in this thread now reach us without a mention; typed stop
-        finds the job; a conversation's first request makes its owner."""
+    def _record_soon(self, job: Job, thread_key: str | None) -> None:
+        """After the acks: follow-ups in this thread now reach us without a mention; typed stop
+        finds the job; a conversation's first request makes its owner. The records of a burst
+        share one round trip."""
+        if not self._records:
+            self.spawn(self._record())
+        self._records.append((job, thread_key))
+
+    async def _record(self) -> None:
+        batch, self._records = self._records, []  # (spawn waited for the acks: the burst is in)
         async with self.redis.pipeline(transaction=False) as pipe:
-            if thread_key is not None:
-                pipe.set(thread_key, 1, ex=self.settings.conversation_ttl_s)
-            self.ownership.record(pipe, job)
+            for job, thread_key in batch:
+                if thread_key is not None:
+                    pipe.set(thread_key, 1, ex=self.settings.conversation_ttl_s)
+                self.ownership.record(pipe, job)
             await pipe.execute()
 
     async def on_stop(self, ack: AsyncAck, body: dict[str, Any]) -> None:
@@ -195,16 +208,32 @@ class SlackAdapter:
         return self.settings.key("slack", "thread", team or "-", channel, thread_ts)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Run after the ack; keep a reference so the task is not garbage-collected mid-flight."""
-        task = asyncio.create_task(coro)
+        """Run after the acks in flight (``AckFirst``); keep a reference so the task is not
+        garbage-collected mid-flight."""
+        task = asyncio.create_task(self._after_acks(coro))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    async def _after_acks(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        try:
+            await self.acks.quiet()
+        except BaseException:
+            coro.close()
+            raise
+        return await coro
+
     def web_app(self) -> web.Application:
         """The HTTP Events API endpoint (bolt verifies signatures: bad or stale → 401) + /healthz."""
-        app = self.app.web_app(path=EVENTS_PATH, port=self.settings.slack_http_port)
+        app = web.Application()
+        app.router.add_post(EVENTS_PATH, self._events)
         app.router.add_get("/healthz", _healthz)
         return app
+
+    async def _events(self, request: web.Request) -> web.Response:
+        """What bolt's own aiohttp server does, counted for ``AckFirst``."""
+        with self.acks.answering():
+            response = await self.app.async_dispatch(await to_bolt_request(request))
+            return await to_aiohttp_response(response)
 
     async def close(self) -> None:
         await asyncio.gather(*self._background, return_exceptions=True)

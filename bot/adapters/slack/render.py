@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +66,8 @@ def status_blocks(text: str, view: View | None) -> list[dict[str, Any]]:
 class SlackRenderer:
     def __init__(self, client: AsyncWebClient, redis: aioredis.Redis[Any], settings: Settings, *,
                  edit_interval: float = 1.0, idle_timeout: float = 3600.0, api_concurrency: int = 8,
-                 ownership: Ownership | None = None) -> None:
+                 ownership: Ownership | None = None,
+                 before_call: Callable[[], Awaitable[None]] | None = None) -> None:
         self.client = client
         self.redis = redis
         self.settings = settings
@@ -78,6 +80,8 @@ class SlackRenderer:
         # Slack would rate-limit a burst anyway; a few calls in flight keep a burst of renders from
         # crowding out the acks that share this event loop.
         self._in_flight = asyncio.Semaphore(api_concurrency)
+        #: awaited before each Web API call: the adapter's acks in flight go first (slack/acks.py)
+        self._before_call = before_call
 
     # --- entry points -----------------------------------------------------------------------------
     def start_job(self, job: Job, where: Where) -> None:
@@ -163,6 +167,8 @@ class SlackRenderer:
         (429s never get here: the client's RateLimitErrorRetryHandler waits and retries them.)"""
         try:
             async with self._in_flight:
+                if self._before_call is not None:
+                    await self._before_call()
                 response = await getattr(self.client, method)(**kwargs)
         except SLACK_ERRORS as exc:
             log.warning("slack %s failed: %s", method, exc)
