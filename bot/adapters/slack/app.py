@@ -29,6 +29,7 @@ from bot.adapters.ownership import Ownership
 from bot.adapters.slack.acks import AckFirst
 from bot.adapters.slack.context import thread_context
 from bot.adapters.slack.controls import SlackControls
+from bot.adapters.slack.direct import DirectEvents
 from bot.adapters.slack.inbound import (
     EXPORT_SHORTCUT,
     RESET_SHORTCUT,
@@ -36,6 +37,7 @@ from bot.adapters.slack.inbound import (
     Inbound,
     Where,
     is_dm,
+    is_from_person,
     translate,
 )
 from bot.adapters.slack.render import SlackRenderer
@@ -88,6 +90,8 @@ class SlackAdapter:
         self.controls = SlackControls(settings, self.client, self.ownership, self.reply_stream, self._submit,
                                       self._tell)
         secret = settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else None
+        #: HTTP mode: signed events skip bolt's request pipeline (slack/direct.py)
+        self.direct = DirectEvents(secret, self.client) if secret and settings.slack_mode == "http" else None
         self.app = AsyncApp(
             client=self.client,
             signing_secret=secret,
@@ -106,13 +110,20 @@ class SlackAdapter:
 
     # --- listeners (all return within a Redis round trip or two) ----------------------------------
     async def on_event(self, body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext) -> None:
-        team = str(body.get("team_id") or context.team_id or "")
+        await self.handle_event(body, event, context.team_id, context.bot_user_id)
+
+    async def handle_event(self, body: dict[str, Any], event: dict[str, Any], team_id: str | None,
+                           bot_user_id: str | None) -> None:
+        """An ``app_mention`` or ``message`` event, from bolt (Socket Mode) or ``DirectEvents``."""
+        if not is_from_person(event, bot_user_id):
+            return  # our own messages (status, replies) and other apps': nothing to look up
+        team = str(body.get("team_id") or team_id or "")
         event_id = str(body.get("event_id") or f"{event.get('channel')}:{event.get('ts')}")
         joined = False
         if event.get("type") == "message" and event.get("thread_ts") and not is_dm(event):
             thread_key = self._thread_key(team, event["channel"], event["thread_ts"])
             joined = bool(await self.redis.exists(thread_key))
-        inbound = translate(event, event_id=event_id, team_id=team, bot_user_id=context.bot_user_id,
+        inbound = translate(event, event_id=event_id, team_id=team, bot_user_id=bot_user_id,
                             settings=self.settings, reply_stream=self.reply_stream, joined=joined)
         if inbound is None:
             return
@@ -124,7 +135,7 @@ class SlackAdapter:
             return
         if (inbound.job is not None and event.get("type") == "app_mention" and not is_dm(event)
                 and inbound.where.thread_ts not in (None, inbound.where.message_ts)):
-            inbound.job = await self._with_thread_context(inbound.job, team, inbound.where, context.bot_user_id)
+            inbound.job = await self._with_thread_context(inbound.job, team, inbound.where, bot_user_id)
         result = await self._submit(inbound.job) if inbound.job is not None else None
         if result is not None and result.refused is not None:
             # Over a limit: no status message, no job. One ephemeral "slow down" per window.
@@ -230,8 +241,14 @@ class SlackAdapter:
         return app
 
     async def _events(self, request: web.Request) -> web.Response:
-        """What bolt's own aiohttp server does, counted for ``AckFirst``."""
+        """Signed mentions and messages straight to ``handle_event`` (``DirectEvents``); the rest
+        (challenge, interactions, anything unsigned or badly signed) through bolt, as its own
+        aiohttp server does. Counted for ``AckFirst``."""
         with self.acks.answering():
+            body = await request.text()
+            delivery = await self.direct.take(request, body) if self.direct is not None else None
+            if self.direct is not None and delivery is not None:
+                return await self.direct.run(delivery, self.handle_event)
             response = await self.app.async_dispatch(await to_bolt_request(request))
             return await to_aiohttp_response(response)
 
