@@ -74,7 +74,7 @@ async def _bench(args: argparse.Namespace) -> int:
             latencies, cpu_ms = await _bursts(http, url, secret, args, args.retries, report=True, pid=child.pid)
             floor, floor_cpu_ms = await _floor(http, secret, args)
         await asyncio.sleep(0.2)
-        jobs = await redis.xlen(settings.key("jobs")) - 1  # minus the warm-up event
+        jobs = await redis.xlen(settings.key("jobs")) - args.events  # minus the warm-up burst
         expected = args.events * args.rounds
         lat = sorted(latencies)
         p99 = _p99(lat)
@@ -138,10 +138,11 @@ async def _floor(http: aiohttp.ClientSession, secret: str,
 
 async def _bursts(http: aiohttp.ClientSession, url: str, secret: str, args: argparse.Namespace, retries: int,
                   report: bool, pid: int | None) -> tuple[list[float], float | None]:
-    """One warm-up event (bolt's auth.test and the first connections are start-up cost), then
+    """One warm-up burst, not counted (auth.test and opening the client's ``args.events``
+    connections are start-up cost: counted, the first burst's TCP handshakes set p99), then
     ``args.rounds`` bursts of ``args.events``, each delivered ``retries`` more times; latencies in
     ms, and the CPU ms process ``pid`` spent on them (its work after the acks included)."""
-    await _deliver(http, url, secret, [_event(0, 0)], retry=0)
+    await _deliver(http, url, secret, [_event(0, i) for i in range(args.events)], retry=0)
     await asyncio.sleep(args.gap_s)
     cpu_before = _cpu_ms(pid)
     latencies: list[float] = []
