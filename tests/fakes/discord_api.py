@@ -4,7 +4,8 @@ Discord would send, so discord.py's own parsing builds its objects for tests.
 Point discord.py at ``fake.api_url`` (``CODELOOP_DISCORD_API_URL``). It speaks the parts codeloop
 uses, answering with the JSON Discord answers with: login (users/@me, oauth2/applications/@me),
 command sync, interaction callbacks (``with_response``), the original response and follow-up
-webhooks, channel messages (JSON or multipart with ``files[n]``), edits, deletes, threads, and a CDN
+webhooks, channel messages (JSON or multipart with ``files[n]``; one read by id, a reply with the message it
+references), history, edits, deletes, threads, and a CDN
 for attachments. Bot routes check the ``Bot <token>`` header; webhook routes need none, as on
 Discord. ``fail_next(method, path_re, status)`` answers the next matching call with an error (a
 429 carries ``retry_after``), so discord.py's own retry handling runs for real.
@@ -158,6 +159,7 @@ class FakeDiscord(HTTPRecorder[Call]):
             ("POST", rf"/webhooks/{app}/([\w.-]+)", self._followup),
             ("POST", r"/channels/(\d+)/messages", self._create),
             ("GET", r"/channels/(\d+)/messages", self._history),
+            ("GET", r"/channels/(\d+)/messages/(\d+)", self._get_message),
             ("PATCH", r"/channels/(\d+)/messages/(\d+)", lambda c, ch, m: self._edit(int(m), c)),
             ("DELETE", r"/channels/(\d+)/messages/(\d+)", self._delete),
             ("POST", r"/channels/(\d+)/messages/(\d+)/threads", self._thread),
@@ -208,6 +210,20 @@ class FakeDiscord(HTTPRecorder[Call]):
         limit = min(int(call.query.get("limit") or 50), 100)
         older = [m for m in self.in_channel(channel_id) if int(m["id"]) < before]
         return list(reversed(older))[:limit]
+
+    def _get_message(self, call: Call, channel_id: str, message_id: str) -> dict[str, Any] | web.Response:
+        """One message as it stands; a reply carries the message it references as Discord sends
+        it (one level deep: that one's own ``referenced_message`` is left out; null if deleted)."""
+        msg = self.messages.get(int(message_id))
+        if msg is None or msg["channel_id"] != channel_id:
+            return _error(404)
+        out = {k: v for k, v in msg.items() if k != "referenced_message"}
+        ref = msg.get("message_reference") or {}
+        if ref.get("message_id"):
+            linked = self.messages.get(int(ref["message_id"]))
+            out["referenced_message"] = ({k: v for k, v in linked.items() if k != "referenced_message"}
+                                         if linked is not None else None)
+        return out
 
     def _create(self, call: Call, channel_id: str) -> dict[str, Any]:
         return self._store(self.message(channel_id), call)

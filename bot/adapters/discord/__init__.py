@@ -1,7 +1,7 @@
 """The Discord adapter: ``/code`` starts a conversation in its own thread; messages there continue it.
 
     client.py   discord.py client: intents, the command, REST base URL, the reply-stream reader
-    intake.py   interactions and thread messages -> Jobs (allowlists, limits, per-user slots)
+    intake.py   interactions, mentions and thread messages -> Jobs (allowlists, limits, per-user slots)
     render.py   Events -> thread messages: streamed edits, outputs, files, the status message
     format.py   what those messages say, within Discord's limits (pure functions)
     views.py    the Stop and Re-run buttons (persistent across restarts)

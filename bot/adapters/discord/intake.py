@@ -1,4 +1,10 @@
-"""Discord input -> Jobs: the /code command, messages in our threads, and the two buttons.
+"""Discord input -> Jobs: the /code command, "@codeloop <task>" messages, messages in our threads,
+and the buttons.
+
+A mention of the bot in a message (outside our threads) asks like ``/code`` does, with the same
+checks, answered in a thread hanging from that message (or, inside someone else's thread, in
+that thread). A message that replies to another one, a mention or a message in our threads,
+gives the model the message it replies to and the chain before it (``context.reply_context``).
 
 Every path checks the cheap things first (allowlists, input limits, the user's free slots: one
 Redis round trip) and then acknowledges the interaction, so Discord's 3 s deadline is met long
@@ -22,7 +28,7 @@ import discord
 
 from bot.adapters.common import is_allowed, parse_control
 from bot.adapters.discord import format as fmt
-from bot.adapters.discord.context import thread_context
+from bot.adapters.discord.context import reply_context, thread_context
 from bot.adapters.discord.store import DiscordStore
 from bot.adapters.discord.views import running_view
 from bot.adapters.ownership import Ownership, known, not_yours
@@ -38,6 +44,7 @@ from bot.queue.stream import JobQueue
 log = logging.getLogger(__name__)
 
 Messageable = discord.abc.Messageable
+CONTROL_ELSEWHERE = "Type `stop` or `reset` inside the codeloop thread it is for."
 
 
 def _attachment(att: discord.Attachment) -> Attachment:
@@ -69,6 +76,10 @@ def _start_failure(exc: Exception) -> str:
     if isinstance(exc, CodeloopError):
         return exc.user_message()
     return "something went wrong on our side; try again in a minute."
+
+
+def _with_context(job: Job, context: str) -> Job:
+    return job.model_copy(update={"context": context}) if context else job
 
 
 class _Refusal(Exception):
@@ -202,11 +213,13 @@ class Intake:
             return
         conversation = await self.store.thread(message.channel.id)
         if conversation is None:
-            return  # not a codeloop thread
+            if self._mentions_me(message):
+                await self._mention(message)
+            return  # otherwise: not for us
         if self.refusal(int(conversation.workspace), int(conversation.channel), message.channel.id):
             log.info("message in thread %s ignored: no longer allowed", message.channel.id)
             return
-        kind, text = parse_control(message.content)
+        kind, text = parse_control(self._without_me(message.content))
         if kind == "stop":
             await self._typed_stop(message, conversation)
             return
@@ -241,11 +254,99 @@ class Intake:
                 await message.reply(turned_away.user_message())
             return
         try:
+            if kind == "message":
+                job = _with_context(job, await self._reply_context(message))
             await self._start(job, message.channel, reference=message)
         except Exception:
             await self.store.release(str(message.author.id), job_id)
             await self.queue.release_admission(job)
             raise
+
+    # --- "@codeloop <task>" outside our threads ---------------------------------------------------
+    def _mentions_me(self, message: discord.Message) -> bool:
+        """The bot is named in the text (a reply's ping alone does not ask anything)."""
+        return self.client.user is not None and self.client.user.id in message.raw_mentions
+
+    def _without_me(self, content: str) -> str:
+        if self.client.user is None:
+            return content
+        me = self.client.user.id
+        return content.replace(f"<@{me}>", " ").replace(f"<@!{me}>", " ").strip()
+
+    async def _mention(self, message: discord.Message) -> None:
+        """A request by mention, checked like /code: allowlists, input limits, the user's slots
+        and the queue's admission, before anything is created. Refusals are replies (Discord has
+        no private answer to a message)."""
+        channel = message.channel
+        if not isinstance(channel, discord.TextChannel | discord.Thread):
+            log.info("mention in channel %s ignored: not a text channel or thread in the cache", channel.id)
+            return
+        if not isinstance(channel, discord.Thread) and await self.store.thread(message.id) is not None:
+            return  # redelivered: its thread (which takes the message's id) is ours already
+        parent = channel.parent_id if isinstance(channel, discord.Thread) else None
+        problem = self.refusal(message.guild.id if message.guild else None, channel.id, parent)
+        if not problem and not await self.channels.enabled("discord", str(parent or channel.id)):
+            problem = CHANNEL_DISABLED  # turned off by its admins (/codeloop-config disable)
+        if problem:
+            await message.reply(problem)
+            return
+        kind, text = parse_control(self._without_me(message.content))
+        if kind != "message":
+            await message.reply(CONTROL_ELSEWHERE)
+            return
+        accepted, refused = partition_uploads(((a, _upload(a)) for a in message.attachments), self.limits)
+        try:
+            text = check_text(text, self.limits, has_files=bool(accepted))
+        except InputRejected as exc:
+            await message.reply(fmt.inert("\n".join([*refused, exc.user_message()])))
+            return
+        if refused:
+            await message.reply(fmt.inert("\n".join(refused)))
+        job_id = uuid.uuid4().hex
+        problem = await self._reserve(message.author.id, job_id)
+        if problem:
+            await message.reply(problem)
+            return
+        try:
+            admitted = await self._admit(job_id, message.author.id, channel.guild.id, parent or channel.id)
+        except _Refusal as refusal:  # (_admit released the reservation)
+            if refusal.refusal.notify:
+                await message.reply(refusal.refusal.user_message())
+            return
+        try:
+            context = await self._reply_context(message) or await self._context(channel, message.id)
+            conversation, target = await self._mention_thread(message, channel, text)
+            job = self._job(job_id, str(message.id), conversation, message.author.id, text,
+                            [_attachment(a) for a in accepted])
+            await self._start(_with_context(job, context), target,
+                              reference=message if target is channel else None)
+        except Exception as exc:
+            await self.store.release(str(message.author.id), job_id)
+            if admitted is not None:
+                await self.queue.release_admission(admitted)
+            log.exception("a mention failed to start")
+            await message.reply(f"⚠️ Could not start: {_start_failure(exc)}")
+
+    async def _mention_thread(self, message: discord.Message, channel: discord.TextChannel | discord.Thread,
+                              prompt: str) -> tuple[Conversation, Messageable]:
+        """Someone else's thread is answered in; a channel gets a thread from the message."""
+        guild = str(channel.guild.id)
+        if isinstance(channel, discord.Thread):
+            conversation = Conversation(platform="discord", workspace=guild, channel=str(channel.parent_id),
+                                        thread=str(channel.id))
+            await self.store.save_thread(channel.id, conversation)
+            return conversation, channel
+        thread = await message.create_thread(name=fmt.thread_name(prompt), auto_archive_duration=1440)
+        conversation = Conversation(platform="discord", workspace=guild, channel=str(channel.id),
+                                    thread=str(thread.id))
+        await self.store.save_thread(thread.id, conversation)
+        return conversation, thread
+
+    async def _reply_context(self, message: discord.Message) -> str:
+        bot_id = self.client.user.id if self.client.user else None
+        return await reply_context(message, bot_id, max_messages=self.settings.thread_context_messages,
+                                   max_chars=self.settings.thread_context_chars)
+
 
     # --- buttons (views.Controls) --------------------------------------------------------------
     async def stop(self, interaction: discord.Interaction[Any], job_id: str) -> None:

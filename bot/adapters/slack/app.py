@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler,
@@ -25,9 +26,11 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.adapters.ownership import Ownership
+from bot.adapters.slack.acks import AckFirst
 from bot.adapters.slack.channel_settings import COMMAND, ChannelSettingsCommand
 from bot.adapters.slack.context import thread_context
 from bot.adapters.slack.controls import SlackControls
+from bot.adapters.slack.direct import DirectEvents
 from bot.adapters.slack.inbound import (
     EXPORT_SHORTCUT,
     RESET_SHORTCUT,
@@ -35,6 +38,7 @@ from bot.adapters.slack.inbound import (
     Inbound,
     Where,
     is_dm,
+    is_from_person,
     translate,
 )
 from bot.adapters.slack.render import SlackRenderer
@@ -82,13 +86,17 @@ class SlackAdapter:
         self.queue = JobQueue(redis, settings)
         self.reply_stream = reply_stream(settings, "slack")
         self.ownership = Ownership(redis, settings)
+        #: post-ack work (Slack calls, records) lets the acks of a burst go first
+        self.acks = AckFirst()
         self.renderer = SlackRenderer(self.client, redis, settings, edit_interval=edit_interval,
-                                      ownership=self.ownership, leases=leases)
+                                      ownership=self.ownership, leases=leases, before_call=self.acks.quiet)
         self.controls = SlackControls(settings, self.client, self.ownership, self.reply_stream, self._submit,
                                       self._tell)
         self.channels = ChannelConfigs(redis, settings)
         self.channel_settings = ChannelSettingsCommand(settings, self.channels, self.controls.moderators, self._http)
         secret = settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else None
+        #: HTTP mode: signed events skip bolt's request pipeline (slack/direct.py)
+        self.direct = DirectEvents(secret, self.client) if secret and settings.slack_mode == "http" else None
         self.app = AsyncApp(
             client=self.client,
             signing_secret=secret,
@@ -104,16 +112,24 @@ class SlackAdapter:
         self.app.shortcut(EXPORT_SHORTCUT)(self.on_export)
         self.app.command(COMMAND)(self.on_command)
         self._background: set[asyncio.Task[Any]] = set()
+        self._records: list[tuple[Job, str | None]] = []
 
     # --- listeners (all return within a Redis round trip or two) ----------------------------------
     async def on_event(self, body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext) -> None:
-        team = str(body.get("team_id") or context.team_id or "")
+        await self.handle_event(body, event, context.team_id, context.bot_user_id)
+
+    async def handle_event(self, body: dict[str, Any], event: dict[str, Any], team_id: str | None,
+                           bot_user_id: str | None) -> None:
+        """An ``app_mention`` or ``message`` event, from bolt (Socket Mode) or ``DirectEvents``."""
+        if not is_from_person(event, bot_user_id):
+            return  # our own messages (status, replies) and other apps': nothing to look up
+        team = str(body.get("team_id") or team_id or "")
         event_id = str(body.get("event_id") or f"{event.get('channel')}:{event.get('ts')}")
         joined = False
         if event.get("type") == "message" and event.get("thread_ts") and not is_dm(event):
             thread_key = self._thread_key(team, event["channel"], event["thread_ts"])
             joined = bool(await self.redis.exists(thread_key))
-        inbound = translate(event, event_id=event_id, team_id=team, bot_user_id=context.bot_user_id,
+        inbound = translate(event, event_id=event_id, team_id=team, bot_user_id=bot_user_id,
                             settings=self.settings, reply_stream=self.reply_stream, joined=joined)
         if inbound is None:
             return
@@ -129,7 +145,7 @@ class SlackAdapter:
             inbound.job, inbound.notices = None, [CHANNEL_DISABLED]
         if (inbound.job is not None and event.get("type") == "app_mention" and not is_dm(event)
                 and inbound.where.thread_ts not in (None, inbound.where.message_ts)):
-            inbound.job = await self._with_thread_context(inbound.job, team, inbound.where, context.bot_user_id)
+            inbound.job = await self._with_thread_context(inbound.job, team, inbound.where, bot_user_id)
         result = await self._submit(inbound.job) if inbound.job is not None else None
         if result is not None and result.refused is not None:
             # Over a limit: no status message, no job. One ephemeral "slow down" per window.
@@ -142,7 +158,7 @@ class SlackAdapter:
             if inbound.where.thread_ts is not None and not is_dm(event):
                 thread = self._thread_key(team, inbound.where.channel, inbound.where.thread_ts)
             # After the ack (a person takes seconds to reply; the ack path stays one round trip)
-            self.spawn(self._record(job, thread))
+            self._record_soon(job, thread)
             self.renderer.start_job(job, inbound.where)
         await self._notices(inbound, event_id, result)
 
@@ -157,13 +173,21 @@ class SlackAdapter:
                                     max_chars=self.settings.thread_context_chars)
         return job.model_copy(update={"context": text}) if text else job
 
-    async def _record(self, job: Job, thread_key: str | None) -> None:
-        """One round trip: follow-ups in this thread now reach us without a mention; typed stop
-        finds the job; a conversation's first request makes its owner."""
+    def _record_soon(self, job: Job, thread_key: str | None) -> None:
+        """After the acks: follow-ups in this thread now reach us without a mention; typed stop
+        finds the job; a conversation's first request makes its owner. The records of a burst
+        share one round trip."""
+        if not self._records:
+            self.spawn(self._record())
+        self._records.append((job, thread_key))
+
+    async def _record(self) -> None:
+        batch, self._records = self._records, []  # (spawn waited for the acks: the burst is in)
         async with self.redis.pipeline(transaction=False) as pipe:
-            if thread_key is not None:
-                pipe.set(thread_key, 1, ex=self.settings.conversation_ttl_s)
-            self.ownership.record(pipe, job)
+            for job, thread_key in batch:
+                if thread_key is not None:
+                    pipe.set(thread_key, 1, ex=self.settings.conversation_ttl_s)
+                self.ownership.record(pipe, job)
             await pipe.execute()
 
     async def on_stop(self, ack: AsyncAck, body: dict[str, Any]) -> None:
@@ -210,16 +234,38 @@ class SlackAdapter:
         return self.settings.key("slack", "thread", team or "-", channel, thread_ts)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Run after the ack; keep a reference so the task is not garbage-collected mid-flight."""
-        task = asyncio.create_task(coro)
+        """Run after the acks in flight (``AckFirst``); keep a reference so the task is not
+        garbage-collected mid-flight."""
+        task = asyncio.create_task(self._after_acks(coro))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    async def _after_acks(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        try:
+            await self.acks.quiet()
+        except BaseException:
+            coro.close()
+            raise
+        return await coro
+
     def web_app(self) -> web.Application:
         """The HTTP Events API endpoint (bolt verifies signatures: bad or stale → 401) + /healthz."""
-        app = self.app.web_app(path=EVENTS_PATH, port=self.settings.slack_http_port)
+        app = web.Application()
+        app.router.add_post(EVENTS_PATH, self._events)
         app.router.add_get("/healthz", _healthz)
         return app
+
+    async def _events(self, request: web.Request) -> web.Response:
+        """Signed mentions and messages straight to ``handle_event`` (``DirectEvents``); the rest
+        (challenge, interactions, anything unsigned or badly signed) through bolt, as its own
+        aiohttp server does. Counted for ``AckFirst``."""
+        with self.acks.answering():
+            body = await request.text()
+            delivery = await self.direct.take(request, body) if self.direct is not None else None
+            if self.direct is not None and delivery is not None:
+                return await self.direct.run(delivery, self.handle_event)
+            response = await self.app.async_dispatch(await to_bolt_request(request))
+            return await to_aiohttp_response(response)
 
     async def close(self) -> None:
         await asyncio.gather(*self._background, return_exceptions=True)

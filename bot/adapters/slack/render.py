@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,7 +101,8 @@ def status_blocks(text: str, view: View | None) -> list[dict[str, Any]]:
 class SlackRenderer:
     def __init__(self, client: AsyncWebClient, redis: aioredis.Redis[Any], settings: Settings, *,
                  edit_interval: float = 1.0, idle_timeout: float = 3600.0, api_concurrency: int = 8,
-                 ownership: Ownership | None = None, leases: RenderLeases | None = None) -> None:
+                 ownership: Ownership | None = None, leases: RenderLeases | None = None,
+                 before_call: Callable[[], Awaitable[None]] | None = None) -> None:
         self.client = client
         self.redis = redis
         self.settings = settings
@@ -117,6 +119,8 @@ class SlackRenderer:
         self.leases = leases
         if leases is not None:
             leases.on_lost = self._lost
+        #: awaited before each Web API call: the adapter's acks in flight go first (slack/acks.py)
+        self._before_call = before_call
 
     # --- entry points -----------------------------------------------------------------------------
     def start_job(self, job: Job, where: Where) -> None:
@@ -284,6 +288,8 @@ class SlackRenderer:
         (429s never get here: the client's RateLimitErrorRetryHandler waits and retries them.)"""
         try:
             async with self._in_flight:
+                if self._before_call is not None:
+                    await self._before_call()
                 response = await getattr(self.client, method)(**kwargs)
         except SLACK_ERRORS as exc:
             log.warning("slack %s failed: %s", method, exc)

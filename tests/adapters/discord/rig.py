@@ -98,6 +98,29 @@ class Gateway:
         return self.fake.message(channel_id, content, author=author, member=member,
                                  attachments=attachments or [], **extra)
 
+    def reply(self, user: int, channel_id: int | str, content: str, to: dict[str, Any], *, resolved: bool = True,
+              **extra: Any) -> dict[str, Any]:
+        """A message replying to ``to``, as the gateway sends it: with the referenced message as it
+        stands in the fake (null once deleted) when ``resolved``, without it otherwise."""
+        ref = {"type": 0, "message_id": to["id"], "channel_id": str(channel_id), "guild_id": str(self.fake.guild_id)}
+        if resolved:
+            linked = self.fake.messages.get(int(to["id"]))
+            extra["referenced_message"] = ({k: v for k, v in linked.items() if k != "referenced_message"}
+                                           if linked is not None else None)
+        return self.message(user, channel_id, content, message_reference=ref, type=19, **extra)
+
+    def said(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """A message that was posted before the test: in the fake's store (REST reads find it)."""
+        self.fake.messages[int(payload["id"])] = payload
+        return payload
+
+    def mention(self) -> str:
+        return f"<@{self.fake.application_id}>"
+
+    def known_thread(self, thread_id: int | str) -> None:
+        """A thread the bot has seen created (THREAD_CREATE), someone else's."""
+        self.bot._connection.parse_thread_create(self.thread_channel(thread_id))  # type: ignore[arg-type]
+
     # --- delivery ---------------------------------------------------------------------------------
     def interaction(self, payload: dict[str, Any]) -> None:
         self.bot._connection.parse_interaction_create(payload)  # type: ignore[arg-type]

@@ -100,6 +100,9 @@ async def test_a_disabled_channel_refuses_code_and_thread_messages(make_bot, fak
     gw.send_message(gw.message(BOB, job.conversation.thread, "now print 3"))
     await fake_discord.wait_for(lambda: [m for m in fake_discord.in_channel(job.conversation.thread)
                                          if m["content"] == CHANNEL_DISABLED])
+    gw.send_message(gw.message(BOB, fake_discord.channel_id, f"{gw.mention()} print 5"))  # asking by mention
+    await fake_discord.wait_for(lambda: [m for m in fake_discord.in_channel(fake_discord.channel_id)
+                                         if m["content"] == CHANNEL_DISABLED])
     assert await redis_client.xlen(bot.settings.key("jobs")) == 1  # only the first job, from before
 
     await answer(fake_discord, gw, config_command(gw, ALICE, "enable", permissions=admin))
