@@ -21,8 +21,30 @@ from tests.adapters.slack.conftest import (
 )
 
 
-async def test_mention_is_acked_enqueued_and_answered_in_a_thread(make_rig):
+async def rig_through(make_rig, through: str):
+    """A rig whose events take one way in: ``direct`` (HTTP mode's signed-event path, bolt never
+    called for them: counted) or ``bolt`` (bolt's request pipeline and listeners, as in Socket Mode
+    and for whatever the direct path does not take)."""
     rig = await make_rig()
+    dispatch = rig.adapter.app.async_dispatch
+    rig.bolt_calls = 0
+
+    async def counted(request):
+        rig.bolt_calls += 1
+        return await dispatch(request)
+
+    rig.adapter.app.async_dispatch = counted
+    if through == "bolt":
+        rig.adapter.direct = None
+    return rig
+
+
+THROUGH = pytest.mark.parametrize("through", ["direct", "bolt"])
+
+
+@THROUGH
+async def test_mention_is_acked_enqueued_and_answered_in_a_thread(make_rig, through):
+    rig = await rig_through(make_rig, through)
     event = mention("<@UBOT> plot revenue &amp; costs")
     started = time.perf_counter()
     resp = await rig.post_event(event_body(event, "Ev1"))
@@ -41,6 +63,7 @@ async def test_mention_is_acked_enqueued_and_answered_in_a_thread(make_rig):
     assert button["action_id"] == "codeloop_stop"
     value = json.loads(button["value"])  # this job's Stop, naming whose job it is
     assert (value["job"], value["user"], value["conversation"]["thread"]) == (job.id, USER, event["ts"])
+    assert rig.bolt_calls == (1 if through == "bolt" else 0)
 
 
 async def test_a_lone_surrogate_in_the_text_is_enqueued_as_a_replacement_character(make_rig):
@@ -52,8 +75,9 @@ async def test_a_lone_surrogate_in_the_text_is_enqueued_as_a_replacement_charact
     assert job.idempotency_key == "EvSurrogate" and job.text == "plot \ufffd and more"
 
 
-async def test_retried_delivery_makes_one_job_and_one_status_message(make_rig):
-    rig = await make_rig()
+@THROUGH
+async def test_retried_delivery_makes_one_job_and_one_status_message(make_rig, through):
+    rig = await rig_through(make_rig, through)
     body = event_body(mention(), "EvRetry")
     assert (await rig.post_event(body)).status == 200
     retry = {"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"}
@@ -63,6 +87,7 @@ async def test_retried_delivery_makes_one_job_and_one_status_message(make_rig):
     await asyncio.sleep(0.2)
     assert len(await rig.jobs()) == 1
     assert len(rig.fake.calls_to("chat.postMessage")) == 1
+    assert rig.bolt_calls == (3 if through == "bolt" else 0)
 
 
 @pytest.mark.parametrize(
@@ -111,8 +136,9 @@ async def test_edits_deletions_and_bot_messages_are_ignored(make_rig, event):
     assert rig.fake.calls_to("chat.postMessage") == []
 
 
-async def test_follow_up_in_a_joined_thread_needs_no_mention(make_rig):
-    rig = await make_rig()
+@THROUGH
+async def test_follow_up_in_a_joined_thread_needs_no_mention(make_rig, through):
+    rig = await rig_through(make_rig, through)
     first = mention()
     await rig.post_event(event_body(first))
     await rig.post_event(event_body(message("and now times two", thread_ts=first["ts"])))
