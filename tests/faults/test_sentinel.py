@@ -280,7 +280,9 @@ async def test_master_lost_mid_stream_every_job_finishes_once_and_threads_keep_t
           f"{len(lost)}, doubled {len(doubled)} (published twice {len(published_twice)}); producer-level "
           f"retries {producer_retries}")
     assert len(ids) == JOBS + 2 * len(CODE_THREADS), "an event id was enqueued as two jobs"
-    assert not lost and not doubled and not published_twice
+    shown_twice = [(e.job_id[:8], e.seq, e.type, str(e.payload.get("text", ""))[:40]) for e in rendered
+                   if e.terminal and e.job_id in doubled]
+    assert not lost and not doubled and not published_twice, shown_twice
     by_id = {e.job_id: e for e in rendered if e.terminal}
     wrong = [j for j, text in texts.items() if by_id[j].type != "final" or by_id[j].payload.get("text") != text]
     assert not wrong, f"{len(wrong)} jobs ended wrong, e.g. {by_id[wrong[0]].payload}"
