@@ -47,7 +47,7 @@ from bot.core.jobs import Event
 from bot.core.settings import Settings
 from bot.queue.autopipe import AutoPipeline, LuaScript
 from bot.queue.redis_conn import run_replicated
-from bot.queue.replies import ORPHAN_CHECK_S, ORPHAN_IDLE_S, reply_stream
+from bot.queue.replies import ORPHAN_CHECK_S, ORPHAN_IDLE_S, ensure_group, reply_stream
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +227,7 @@ class RenderLeases:
         self.active.pop(job, None)
 
     async def ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        await ensure_group(self.redis, self.stream, self.group)
 
     async def own(self, job: str) -> bool:
         """Take ``job``'s lease for this replica (True when it is ours: taken now, or already)."""

@@ -54,6 +54,15 @@ def reply_stream(settings: Settings, adapter: str) -> str:
     return settings.key("replies", adapter)
 
 
+async def ensure_group(redis: aioredis.Redis, stream: str, group: str) -> None:
+    """The adapter's consumer group on its reply stream, made (with the stream) if missing."""
+    try:
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
 class ReplyReader:
     def __init__(self, redis: aioredis.Redis, settings: Settings, adapter: str, consumer: str | None = None) -> None:
         self.redis = redis
@@ -64,11 +73,7 @@ class ReplyReader:
         self.scripts = AutoPipeline(redis)
 
     async def ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        await ensure_group(self.redis, self.stream, self.group)
 
     async def claim(self, event: Event) -> bool:
         """True the first time this (job, seq) — or this job's terminal event — is seen."""

@@ -199,9 +199,13 @@ class Intake:
             await self.store.save_thread(channel.id, conversation)
             return conversation, channel
         message = await interaction.edit_original_response(content=head)
+        return await self._thread_from(message, guild, str(interaction.channel_id), prompt)
+
+    async def _thread_from(self, message: discord.Message, guild: str, channel: str,
+                           prompt: str) -> tuple[Conversation, discord.Thread]:
+        """A thread started from ``message`` in ``channel``, recorded as ours."""
         thread = await message.create_thread(name=fmt.thread_name(prompt), auto_archive_duration=1440)
-        conversation = Conversation(platform="discord", workspace=guild, channel=str(interaction.channel_id),
-                                    thread=str(thread.id))
+        conversation = Conversation(platform="discord", workspace=guild, channel=channel, thread=str(thread.id))
         await self.store.save_thread(thread.id, conversation)
         return conversation, thread
 
@@ -336,11 +340,7 @@ class Intake:
                                         thread=str(channel.id))
             await self.store.save_thread(channel.id, conversation)
             return conversation, channel
-        thread = await message.create_thread(name=fmt.thread_name(prompt), auto_archive_duration=1440)
-        conversation = Conversation(platform="discord", workspace=guild, channel=str(channel.id),
-                                    thread=str(thread.id))
-        await self.store.save_thread(thread.id, conversation)
-        return conversation, thread
+        return await self._thread_from(message, guild, str(channel.id), prompt)
 
     async def _reply_context(self, message: discord.Message) -> str:
         bot_id = self.client.user.id if self.client.user else None
