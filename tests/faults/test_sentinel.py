@@ -25,7 +25,7 @@ from bot.core.errors import ConfigError, QueueError
 from bot.core.jobs import Conversation, Event, Job
 from bot.core.settings import Settings
 from bot.queue import redis_conn
-from bot.queue.render_lease import LeasedReader, RenderLeases
+from bot.queue.render_lease import TOMBSTONE, LeasedReader, RenderLeases
 from bot.queue.replies import ReplyReader
 from bot.queue.stream import JobQueue
 
@@ -193,6 +193,11 @@ async def test_master_lost_mid_stream_every_job_finishes_once_and_threads_keep_t
         stream = leases.stream
 
         async def deliver(event: Event, entry: str) -> None:
+            # as the Slack renderer does (SlackRenderer._restore): a finished job's tombstone drops
+            # what a re-run of it publishes again
+            if await reader_redis.get(leases.state_key(event.job_id)) == TOMBSTONE:
+                await leases.finish(event.job_id)
+                return
             rendered.append(event)
             if event.terminal:
                 await leases.finish(event.job_id)
