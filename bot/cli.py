@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("bot.ops.doctor", "check Redis, Docker, the sandbox image, the model and tokens"),
     "usage": ("bot.ops.usage", "jobs, feedback rounds, sandbox CPU, tokens and failures per channel and user"),
     "eval": ("bot.evaluation.cli", "pass@1 with execution/human feedback: HumanEval(+), MBPP(+)"),
-    "bench": ("bot.bench.cli", "benchmarks: queue | runner | generate | ack"),
+    "bench": ("bot.bench.cli", "benchmarks: queue | runner | generate | ack | replies"),
 }
 
 
