@@ -20,6 +20,7 @@ same outage budget. Scripts the new master lacks are loaded on ``NOSCRIPT`` (``b
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib.metadata
 import logging
@@ -287,6 +288,33 @@ async def run_replicated(redis: aioredis.Redis, settings: Settings, script: LuaS
         raise QueueError(f"the write reached {acked} of the {wanted} Redis replicas "
                          f"CODELOOP_REDIS_MIN_REPLICAS asks for within {settings.redis_replica_wait_ms} ms")
     return reply
+
+
+#: how long a write that must be on a replica before the bot goes on (a reply claim, a render
+#: tombstone) waits for one, trying again every REPLICATED_RETRY_S, before it stands on the master alone
+REPLICATED_PATIENCE_S = 60.0
+REPLICATED_RETRY_S = 0.5
+
+
+async def run_replicated_patiently(redis: aioredis.Redis, settings: Settings, script: LuaScript, keys: list[Any],
+                                   args: list[Any], touch: str, ttl_s: int, what: str) -> Any | None:
+    """``run_replicated``, tried again while no replica has it (right after a failover the new
+    master's replicas are still syncing), so the caller waits rather than acts on a write a second
+    failover could lose. The script's reply, or None after ``REPLICATED_PATIENCE_S`` without a
+    replica (logged; the write stands on the master alone: a lasting loss of every replica must not
+    stop the bot). ``script`` must be idempotent: it runs again with the same arguments; the
+    ``touch`` write gives each WAIT one to count."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + REPLICATED_PATIENCE_S
+    while True:
+        try:
+            return await run_replicated(redis, settings, script, keys, args, touch=touch, ttl_s=ttl_s)
+        except QueueError as exc:
+            if loop.time() >= give_up:
+                log.warning("%s: %s; kept on the master's word", what, exc)
+                return None
+            log.warning("%s: %s; trying again", what, exc)
+            await asyncio.sleep(REPLICATED_RETRY_S)
 
 
 async def claim_once(redis: aioredis.Redis, key: str, ttl_s: int, token: str | None = None,

@@ -42,19 +42,11 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from bot.core.errors import QueueError
 from bot.core.jobs import Event
 from bot.core.settings import Settings
 from bot.queue.autopipe import AutoPipeline, LuaScript
-from bot.queue.redis_conn import run_replicated
-from bot.queue.replies import (
-    CLAIM_REPLICATED_WAIT_S,
-    CLAIM_RETRY_S,
-    ORPHAN_CHECK_S,
-    ORPHAN_IDLE_S,
-    ensure_group,
-    reply_stream,
-)
+from bot.queue.redis_conn import run_replicated_patiently
+from bot.queue.replies import ORPHAN_CHECK_S, ORPHAN_IDLE_S, ensure_group, reply_stream
 
 log = logging.getLogger(__name__)
 
@@ -268,21 +260,11 @@ class RenderLeases:
         args = [self.replica, job, tombstone, self.settings.idempotency_ttl_s]
         if tombstone == TOMBSTONE and self.settings.redis_min_replicas:
             # On the replicas before we go on: a master that dies now cannot take the tombstone
-            # with it, so a re-run of the job is not shown again after a failover. While no
-            # replica answers (a new master's are still syncing) it is tried again, as reply claims
-            # are (bot.queue.replies); a second run writes nothing but the touch, which WAIT covers.
-            loop = asyncio.get_running_loop()
-            give_up = loop.time() + CLAIM_REPLICATED_WAIT_S
-            while True:
-                try:
-                    await run_replicated(self.redis, self.settings, _RELEASE, keys, args, touch=keys[1],
-                                         ttl_s=self.settings.idempotency_ttl_s)
-                    return
-                except QueueError as exc:
-                    if loop.time() >= give_up:  # it stands on the master alone
-                        log.warning("render tombstone of %s: %s; kept on the master's word", job, exc)
-                        return
-                    await asyncio.sleep(CLAIM_RETRY_S)
+            # with it, so a re-run of the job is not shown again after a failover. A second run of
+            # the script writes nothing but the touch, which WAIT covers.
+            await run_replicated_patiently(self.redis, self.settings, _RELEASE, keys, args, touch=keys[1],
+                                           ttl_s=self.settings.idempotency_ttl_s, what=f"render tombstone of {job}")
+            return
         await self.scripts.run(_RELEASE, keys, args)
 
     async def route(self, count: int = 64, adopt_idle_s: float = 0.0) -> int:

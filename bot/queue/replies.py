@@ -22,11 +22,10 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from bot.core.errors import QueueError
 from bot.core.jobs import Event
 from bot.core.settings import Settings
 from bot.queue.autopipe import AutoPipeline, LuaScript
-from bot.queue.redis_conn import run_replicated
+from bot.queue.redis_conn import run_replicated_patiently
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +33,6 @@ Handler = Callable[[Event], Awaitable[None]]
 PENDING_CHECK_S = 2.0  # how often a reader re-reads entries delivered to it but not acked
 ORPHAN_CHECK_S = 30.0
 ORPHAN_IDLE_S = 60.0  # an entry pending this long belongs to a replica that died
-#: with CODELOOP_REDIS_MIN_REPLICAS: how long an event waits for its claim to reach a replica before
-#: it is shown anyway, and how often the claim is tried again meanwhile
-CLAIM_REPLICATED_WAIT_S = 60.0
-CLAIM_RETRY_S = 0.5
 
 
 # KEYS: rendered:<job>   ARGV: field, token, ttl   -> 1 the first time (or our own resend), else 0
@@ -83,23 +78,12 @@ class ReplyReader:
         args = [slot, token, self.settings.idempotency_ttl_s]
         if self.settings.redis_min_replicas:
             # On the replicas before it is shown: a master that dies right after a reply was
-            # shown cannot take the claim with it, so a re-run of the job is not shown twice. While
-            # no replica answers (a new master's replicas are still syncing after a failover) the
-            # claim is tried again, with the same token, so rendering waits; past
-            # CLAIM_REPLICATED_WAIT_S it is shown on the master's word (a lasting loss of every
-            # replica must not stop the bot).
-            loop = asyncio.get_running_loop()
-            give_up = loop.time() + CLAIM_REPLICATED_WAIT_S
-            while True:
-                try:
-                    return bool(await run_replicated(self.redis, self.settings, _CLAIM, [key], args,
-                                                     touch=key, ttl_s=self.settings.idempotency_ttl_s))
-                except QueueError as exc:
-                    if loop.time() >= give_up:
-                        log.warning("reply claim %s: %s; shown on the master's word", key, exc)
-                        break
-                    log.warning("reply claim %s: %s; trying again before it is shown", key, exc)
-                    await asyncio.sleep(CLAIM_RETRY_S)
+            # shown cannot take the claim with it, so a re-run of the job is not shown twice.
+            # Rendering waits while no replica answers (the same token makes a retry ours).
+            reply = await run_replicated_patiently(self.redis, self.settings, _CLAIM, [key], args, touch=key,
+                                                   ttl_s=self.settings.idempotency_ttl_s, what=f"reply claim {key}")
+            if reply is not None:
+                return bool(reply)
         return bool(await self.scripts.run(_CLAIM, [key], args))
 
     async def run(self, handler: Handler, stop: asyncio.Event | None = None, block_ms: int = 1000) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 import time
 from typing import Any
 
@@ -17,6 +15,7 @@ import redis.asyncio as aioredis
 from bot.core.jobs import Conversation, Event, Job
 from bot.core.settings import Settings
 from bot.queue.stream import JobQueue
+from tests.processes import worker_process
 
 CODE = """```python
 import time
@@ -54,13 +53,8 @@ async def test_worker_killed_mid_cell_job_reattaches_and_finishes_once(
         key_prefix: str) -> None:
     model_server.script = script
     settings: Settings = make_settings(llm_url=model_server.url, claim_idle_s=1.0)
-    env = {**os.environ, "CODELOOP_REDIS_URL": settings.redis_url, "CODELOOP_KEY_PREFIX": key_prefix,
-           "CODELOOP_LLM_URL": model_server.url, "CODELOOP_CLAIM_IDLE_S": "1", "CODELOOP_SANDBOX_POOL_SIZE": "0",
-           "CODELOOP_SANDBOX_LABELS": f"codeloop.test={key_prefix}", "CODELOOP_SANDBOX_CELL_TIMEOUT_S": "20",
-           "CODELOOP_SANDBOX_IMAGE": settings.sandbox_image}
-    victim = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot.cli", "worker", env=env,
-                                                  stdout=asyncio.subprocess.DEVNULL,
-                                                  stderr=asyncio.subprocess.DEVNULL)
+    victim = await worker_process(settings, key_prefix, CODELOOP_SANDBOX_LABELS=f"codeloop.test={key_prefix}",
+                                  CODELOOP_SANDBOX_CELL_TIMEOUT_S="20")
     queue = JobQueue(redis_client, settings)
     reply = settings.key("replies", "t")
     conversation = Conversation(platform="test", channel="c", thread="mid-cell")

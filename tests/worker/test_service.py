@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 import time
 from typing import Any
 
@@ -16,6 +14,7 @@ import redis.asyncio as aioredis
 from bot.core.jobs import Conversation, Event, Job
 from bot.core.settings import Settings
 from bot.queue.stream import JobQueue
+from tests.processes import worker_process
 
 
 def job(thread: str, text: str, reply: str, key: str | None = None) -> Job:
@@ -84,12 +83,7 @@ async def test_killed_worker_job_is_finished_by_another_exactly_once(
     model_server.script = ["answer after a crash"]
     model_server.stall_s = 3.0  # the first worker is mid-generation when it dies
     settings: Settings = make_settings(llm_url=model_server.url, claim_idle_s=1.0)
-    env = {**os.environ, "CODELOOP_REDIS_URL": settings.redis_url, "CODELOOP_KEY_PREFIX": key_prefix,
-           "CODELOOP_LLM_URL": model_server.url, "CODELOOP_CLAIM_IDLE_S": "1", "CODELOOP_SANDBOX_POOL_SIZE": "0",
-           "CODELOOP_SANDBOX_IMAGE": settings.sandbox_image}
-    victim = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot.cli", "worker", env=env,
-                                                  stdout=asyncio.subprocess.DEVNULL,
-                                                  stderr=asyncio.subprocess.DEVNULL)
+    victim = await worker_process(settings, key_prefix)
     queue = JobQueue(redis_client, settings)
     reply = settings.key("replies", "t")
     try:

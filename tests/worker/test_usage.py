@@ -25,6 +25,7 @@ from bot.ops.usage import parse_day, render
 from bot.queue.stream import JobQueue
 from bot.queue.usage import Counts, UsageRecorder, read
 from tests.conftest import REDIS_URL
+from tests.processes import worker_process
 from tests.worker.test_service import finals
 
 #: ~0.3 s of CPU in the kernel (CPU time, whatever the wall clock does on a busy machine)
@@ -201,12 +202,7 @@ async def test_a_job_redelivered_after_its_worker_died_is_counted_once(
     model_server.script = ["answer after a crash"]
     model_server.stall_s = 3.0
     settings: Settings = make_settings(llm_url=model_server.url, claim_idle_s=1.0)
-    env = {**os.environ, "CODELOOP_REDIS_URL": settings.redis_url, "CODELOOP_KEY_PREFIX": key_prefix,
-           "CODELOOP_LLM_URL": model_server.url, "CODELOOP_CLAIM_IDLE_S": "1", "CODELOOP_SANDBOX_POOL_SIZE": "0",
-           "CODELOOP_SANDBOX_IMAGE": settings.sandbox_image}
-    victim = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot.cli", "worker", env=env,
-                                                  stdout=asyncio.subprocess.DEVNULL,
-                                                  stderr=asyncio.subprocess.DEVNULL)
+    victim = await worker_process(settings, key_prefix)
     queue = JobQueue(redis_client, settings)
     reply = settings.key("replies", "t")
     channel = f"crash-{key_prefix}"

@@ -201,6 +201,11 @@ class Intake:
         message = await interaction.edit_original_response(content=head)
         return await self._thread_from(message, guild, str(interaction.channel_id), prompt)
 
+    def _thread_of(self, conversation: Conversation) -> Messageable:
+        """The thread a stored conversation lives in, without a REST call."""
+        return self.client.get_partial_messageable(int(conversation.thread), guild_id=int(conversation.workspace),
+                                                   type=discord.ChannelType.public_thread)
+
     async def _thread_from(self, message: discord.Message, guild: str, channel: str,
                            prompt: str) -> tuple[Conversation, discord.Thread]:
         """A thread started from ``message`` in ``channel``, recorded as ours."""
@@ -389,10 +394,7 @@ class Intake:
             if len(job.attachments) < len(old.attachments):
                 await interaction.followup.send("Re-running the text only: the files of the original request "
                                                 "are not fetched again for someone else.", ephemeral=True)
-            thread = self.client.get_partial_messageable(int(old.conversation.thread),
-                                                         guild_id=int(old.conversation.workspace),
-                                                         type=discord.ChannelType.public_thread)
-            await self._start(job, thread)
+            await self._start(job, self._thread_of(old.conversation))
         except Exception as exc:
             await self.store.release(str(interaction.user.id), new_id)
             if admitted is not None:
@@ -416,10 +418,7 @@ class Intake:
             return
         await interaction.response.defer()
         try:
-            thread = self.client.get_partial_messageable(int(old.conversation.thread),
-                                                         guild_id=int(old.conversation.workspace),
-                                                         type=discord.ChannelType.public_thread)
-            await self._start(job, thread)
+            await self._start(job, self._thread_of(old.conversation))
         except Exception as exc:
             await self.store.release(str(interaction.user.id), new_id)
             log.exception("export failed to start")
