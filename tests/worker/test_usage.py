@@ -65,6 +65,16 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for s in family.samples}
 
 
+async def counted(redis: aioredis.Redis, settings: Any, jobs: int = 1) -> Any:
+    """Today's usage once the worker has recorded ``jobs`` jobs (it counts right after a final is sent)."""
+    for _ in range(200):
+        report = await read(redis, settings, today(), today())
+        if report.total.jobs >= jobs:
+            return report
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"fewer than {jobs} jobs counted within 10 s of their finals")
+
+
 async def test_a_job_is_counted_per_channel_and_user_with_what_it_used(
         start_worker: Any, model_server: Any, redis_client: aioredis.Redis, key_prefix: str) -> None:
     model_server.script = fail_then_fix
@@ -79,7 +89,7 @@ async def test_a_job_is_counted_per_channel_and_user_with_what_it_used(
         [(_, final)] = await finals(redis_client, reply, 1)
         assert final.type == "final" and final.payload["rounds"] == 2, final.payload
         # one feedback round (the fix), two cells of ~0.3 s CPU each, the last one fixed
-        report = await read(redis_client, worker.settings, today(), today())
+        report = await counted(redis_client, worker.settings)  # the count follows the final reply
         [row] = report.channels
         [user] = report.users
         assert (row.adapter, row.name, user.name) == ("test", channel, "alice")
@@ -140,7 +150,7 @@ async def test_failures_are_counted_and_filters_split_users_and_channels(
     done = await finals(redis_client, reply, 3)
     assert [e.type for _, e in done] == ["final", "error", "final"]
 
-    report = await read(redis_client, worker.settings, today(), today())
+    report = await counted(redis_client, worker.settings, jobs=3)
     by_channel = {r.name: r.counts for r in report.channels}
     assert (by_channel[one].jobs, by_channel[one].failures, by_channel[two].jobs, by_channel[two].failures) == (
         2, 1, 1, 1)
@@ -221,7 +231,7 @@ async def test_a_job_redelivered_after_its_worker_died_is_counted_once(
     await start_worker(claim_idle_s=1.0)
     [(_, final)] = await finals(redis_client, reply, 1, timeout=60)
     assert final.payload["text"] == "answer after a crash" and len(model_server.requests) == 2
-    report = await read(redis_client, settings, today(), today())
+    report = await counted(redis_client, settings)
     [row] = report.channels
     # one run's tokens, not two (the killed worker's stream, if the server finished it, went nowhere)
     runs = {(u["prompt_tokens"], u["completion_tokens"]) for u in model_server.usage}
